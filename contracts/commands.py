@@ -1,0 +1,124 @@
+"""Commands: what county systems and city/province operators submit.
+
+A :class:`Submission` wraps one command with who-sent-it metadata. Commands are a tagged union
+on ``kind``. County commands travel on ``duban.submit.county.<county_code>``; operator commands
+on ``duban.submit.city.<county_code>`` or ``duban.submit.province.<county_code>``
+(see ``contracts.subjects``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from contracts.identifiers import CountyCode, Instant, ProgrammeId, SubmissionId
+from contracts.payloads import (
+    CompletionFields,
+    ExtensionDecisionFields,
+    ExtensionRequestFields,
+    Fields,
+    ProgressFields,
+    ProgressTableFields,
+    RetractionFields,
+    ReviewDecisionFields,
+    ReviewRequestFields,
+    TrialOperationFields,
+)
+
+SUBMISSION_SCHEMA_VERSION = 1
+MAX_SUBMISSION_BYTES = 64 * 1024
+
+
+class Role(enum.StrEnum):
+    """Who may send what; the role is the subject's second token, enforced by the server."""
+
+    COUNTY = "county"
+    CITY = "city"
+    PROVINCE = "province"
+
+
+# -- county commands ----------------------------------------------------------------------------
+class ReportProgress(ProgressFields, tag_field="kind", tag="report_progress"):
+    """Milestone progress: percent done, a note, named steps finished."""
+
+
+class CompleteMilestone(CompletionFields, tag_field="kind", tag="complete_milestone"):
+    """A milestone is done, on this date, with this evidence."""
+
+
+class RequestReview(ReviewRequestFields, tag_field="kind", tag="request_review"):
+    """Ask for a review (预审, 报审, 预验收, 正式验收) or report one done by the county (自验)."""
+
+
+class StartTrialOperation(TrialOperationFields, tag_field="kind", tag="start_trial_operation"):
+    """The system went into trial operation (试运行) on this date."""
+
+
+class FileProgressTable(ProgressTableFields, tag_field="kind", tag="file_progress_table"):
+    """The periodic 督查进度一览表: one line per milestone."""
+
+
+class RequestExtension(ExtensionRequestFields, tag_field="kind", tag="request_extension"):
+    """Ask for a later deadline (延期) for one milestone, with a reason."""
+
+
+# -- operator commands --------------------------------------------------------------------------
+class DecideReview(ReviewDecisionFields, tag_field="kind", tag="decide_review"):
+    """A review decision: passed (with the approval document) or returned with comments."""
+
+
+class DecideExtension(ExtensionDecisionFields, tag_field="kind", tag="decide_extension"):
+    """An extension granted (with the new deadline) or refused (with a reason)."""
+
+
+class RetractSubmission(RetractionFields, tag_field="kind", tag="retract_submission"):
+    """Withdraw an earlier submission's facts; nothing is edited, this is a new fact."""
+
+
+CountyCommand = (
+    ReportProgress
+    | CompleteMilestone
+    | RequestReview
+    | StartTrialOperation
+    | FileProgressTable
+    | RequestExtension
+)
+OperatorCommand = DecideReview | DecideExtension | RetractSubmission
+Command = CountyCommand | OperatorCommand
+
+COUNTY_COMMANDS: tuple[type[Fields], ...] = (
+    ReportProgress,
+    CompleteMilestone,
+    RequestReview,
+    StartTrialOperation,
+    FileProgressTable,
+    RequestExtension,
+)
+OPERATOR_COMMANDS: tuple[type[Fields], ...] = (DecideReview, DecideExtension, RetractSubmission)
+
+
+class Submission(Fields):
+    """One command, as a county system or operator sends it."""
+
+    submission_id: SubmissionId  # chosen by the sender; resending it is safe (idempotent)
+    programme_id: ProgrammeId
+    county_code: CountyCode
+    command: Command
+    # When it happened at the sender; defaults to when we receive it. Never in the future.
+    occurred_at: Instant | None = None
+    submitted_by: str | None = None  # the sender's own user or system name, for the record
+    schema_version: int = SUBMISSION_SCHEMA_VERSION
+
+
+_submission_decoder = msgspec.json.Decoder(Submission)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_submission(data: bytes) -> Submission:
+    """Strict decode; raises ``msgspec.ValidationError``/``DecodeError`` naming the field."""
+    return _submission_decoder.decode(data)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)

@@ -1,0 +1,188 @@
+"""Events: the facts stored in the JetStream event stream, the single source of truth.
+
+Every event travels in an :class:`EventEnvelope`: who (actor), when it happened as reported
+(``occurred_at``) and when we stored it (``recorded_at``), which programme and county
+(the aggregate), which submission caused it, and the payload, a tagged union on ``type``.
+
+Stored events are never rewritten. When a payload's shape changes, its type's version in
+:data:`EVENT_SCHEMA_VERSIONS` goes up and an upcaster in :data:`UPCASTERS` lifts old stored
+versions on read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from contracts.identifiers import CountyCode, Instant, MilestoneId, ProgrammeId, SubmissionId
+from contracts.payloads import (
+    CompletionFields,
+    ExtensionDecisionFields,
+    ExtensionRequestFields,
+    Fields,
+    ProgressFields,
+    ProgressTableFields,
+    RetractionFields,
+    ReviewDecisionFields,
+    ReviewRequestFields,
+    TrialOperationFields,
+)
+
+
+class Actor(Fields):
+    """The authenticated sender: its role (from the subject the server let it publish on), its
+    county for county systems, and the user name it gave for the record."""
+
+    role: str  # county | city | province | system
+    county_code: CountyCode | None = None
+    user: str | None = None
+
+
+class ProgressReported(ProgressFields, tag_field="type", tag="progress_reported"):
+    pass
+
+
+class MilestoneCompleted(CompletionFields, tag_field="type", tag="milestone_completed"):
+    # county: reported by the county; review:<kind>: a passed review completed it;
+    # trial_operation_started: the start of trial operation completed it.
+    via: str = "county"
+
+
+class ReviewRequested(ReviewRequestFields, tag_field="type", tag="review_requested"):
+    pass
+
+
+class ReviewDecided(ReviewDecisionFields, tag_field="type", tag="review_decided"):
+    pass
+
+
+class TrialOperationStarted(TrialOperationFields, tag_field="type", tag="trial_operation_started"):
+    pass
+
+
+class ProgressTableFiled(ProgressTableFields, tag_field="type", tag="progress_table_filed"):
+    pass
+
+
+class ExtensionRequested(ExtensionRequestFields, tag_field="type", tag="extension_requested"):
+    pass
+
+
+class ExtensionDecided(ExtensionDecisionFields, tag_field="type", tag="extension_decided"):
+    pass
+
+
+class SubmissionRetracted(RetractionFields, tag_field="type", tag="submission_retracted"):
+    pass
+
+
+class ProcedureFindingRecorded(Fields, tag_field="type", tag="procedure_finding_recorded"):
+    """A step reported out of the procedure's order: the fact stands, this finding says why it
+    is irregular. The ledger shows it; escalation acts on it."""
+
+    rule_id: str
+    trigger_event_id: str
+    finding_zh: str
+    finding_en: str
+    milestone_id: MilestoneId | None = None
+    detail: str = ""
+
+
+EventPayload = (
+    ProgressReported
+    | MilestoneCompleted
+    | ReviewRequested
+    | ReviewDecided
+    | TrialOperationStarted
+    | ProgressTableFiled
+    | ExtensionRequested
+    | ExtensionDecided
+    | SubmissionRetracted
+    | ProcedureFindingRecorded
+)
+
+EVENT_TYPES: dict[str, type[Fields]] = {
+    t.__struct_config__.tag: t  # type: ignore[misc]
+    for t in (
+        ProgressReported,
+        MilestoneCompleted,
+        ReviewRequested,
+        ReviewDecided,
+        TrialOperationStarted,
+        ProgressTableFiled,
+        ExtensionRequested,
+        ExtensionDecided,
+        SubmissionRetracted,
+        ProcedureFindingRecorded,
+    )
+}
+
+# Current payload version per event type. Bump one when its shape changes and register an
+# upcaster from the previous version.
+EVENT_SCHEMA_VERSIONS: dict[str, int] = dict.fromkeys(EVENT_TYPES, 1)
+
+# (event type, stored version) -> function lifting that payload dict to version + 1.
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def event_type_of(payload: EventPayload) -> str:
+    return str(payload.__struct_config__.tag)
+
+
+class EventEnvelope(Fields):
+    event_id: str  # deterministic: "<submission_id>/<index in decision>"
+    schema_version: int
+    programme_id: ProgrammeId
+    county_code: CountyCode
+    occurred_at: Instant
+    recorded_at: Instant
+    actor: Actor
+    submission_id: SubmissionId
+    submission_digest: str  # sha256 of the submission as received: same id, same content?
+    causation_id: str
+    correlation_id: str
+    payload: EventPayload
+
+    @property
+    def event_type(self) -> str:
+        return event_type_of(self.payload)
+
+
+_envelope_decoder = msgspec.json.Decoder(EventEnvelope)
+_encoder = msgspec.json.Encoder()
+
+
+def encode_event(envelope: EventEnvelope) -> bytes:
+    return _encoder.encode(envelope)
+
+
+def decode_event(data: bytes | memoryview) -> EventEnvelope:
+    """Decode a stored event, upcasting an older payload version to the current one."""
+    try:
+        envelope = _envelope_decoder.decode(data)
+    except msgspec.ValidationError:
+        return _decode_upcasting(data)
+    if envelope.schema_version != EVENT_SCHEMA_VERSIONS[envelope.event_type]:
+        return _decode_upcasting(data)
+    return envelope
+
+
+def _decode_upcasting(data: bytes | memoryview) -> EventEnvelope:
+    raw: dict[str, Any] = msgspec.json.decode(data)
+    payload = raw.get("payload")
+    if not isinstance(payload, dict) or payload.get("type") not in EVENT_TYPES:
+        raise msgspec.ValidationError(f"unknown event type {raw.get('payload')!r}")
+    event_type = payload["type"]
+    version = int(raw.get("schema_version", 1))
+    target = EVENT_SCHEMA_VERSIONS[event_type]
+    if version > target:
+        raise msgspec.ValidationError(
+            f"event {raw.get('event_id')} has {event_type} v{version}; this code knows v{target}"
+        )
+    while version < target:
+        payload = UPCASTERS[(event_type, version)](payload)
+        version += 1
+    raw["payload"], raw["schema_version"] = payload, version
+    return msgspec.convert(raw, EventEnvelope)

@@ -1,0 +1,80 @@
+"""Replies to a submission: accepted (what was stored, where) or refused (why, in both languages)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from contracts.errors import ERROR_TEXT, RETRYABLE, ErrorCode
+from contracts.identifiers import Instant
+from contracts.payloads import Fields
+
+
+class StoredEvent(Fields):
+    event_id: str
+    event_type: str
+    stream_sequence: int
+
+
+class FindingNotice(Fields):
+    rule_id: str
+    finding_zh: str
+    finding_en: str
+    milestone_id: str | None = None
+
+
+class Accepted(Fields, tag_field="status", tag="accepted"):
+    submission_id: str
+    events: tuple[StoredEvent, ...]
+    findings: tuple[FindingNotice, ...] = ()
+    duplicate: bool = False  # this id was already stored; nothing new was written
+
+
+class Refused(Fields, tag_field="status", tag="refused"):
+    code: ErrorCode
+    message_zh: str
+    message_en: str
+    submission_id: str | None = None
+    field: str | None = None  # "$.command.completed_on"
+    detail: str = ""
+    retryable: bool = False
+
+
+Reply = Accepted | Refused
+
+_reply_decoder = msgspec.json.Decoder(Reply)  # type: ignore[arg-type]
+
+
+def refused(
+    code: ErrorCode, *, submission_id: str | None = None, field: str | None = None, detail: str = ""
+) -> Refused:
+    zh, en = ERROR_TEXT[code]
+    return Refused(
+        code=code,
+        message_zh=zh,
+        message_en=en,
+        submission_id=submission_id,
+        field=field,
+        detail=detail,
+        retryable=code in RETRYABLE,
+    )
+
+
+def decode_reply(data: bytes) -> Accepted | Refused:
+    return _reply_decoder.decode(data)  # type: ignore[no-any-return]
+
+
+class RefusalRecord(Fields):
+    """A refused submission as kept in the refusals stream: what came, on which subject, why.
+
+    The body is kept as received (UTF-8 text, or base64 when it is not text) up to
+    ``body_limit`` bytes; its size and sha256 always describe the whole of it.
+    """
+
+    received_at: Instant
+    subject: str
+    refusal: Refused
+    size: int
+    sha256: str
+    body: str
+    body_encoding: str = "utf-8"  # or "base64"
+    body_truncated: bool = False

@@ -1,0 +1,57 @@
+"""Every NATS subject and stream name duban uses, defined once.
+
+Submissions: ``duban.submit.<role>.<county_code>`` (request-reply). The server lets a county's
+user publish only on its own ``duban.submit.county.<code>``, and operators only on their role's
+subjects, so the role and county tokens of a received subject are trustworthy.
+
+Events: one subject per aggregate, a county's part in a programme:
+``duban.events.<programme_id>.<county_code>``, in the stream ``DUBAN_EVENTS``.
+Refusals: ``duban.refusals.<role>.<county token>`` in ``DUBAN_REFUSALS``, so an operator can list
+everything that was sent and not accepted.
+"""
+
+from __future__ import annotations
+
+from contracts.commands import Role
+
+SUBMIT_PREFIX = "duban.submit"
+SUBMIT_ALL = f"{SUBMIT_PREFIX}.*.*"
+SUBMISSIONS_QUEUE = "duban-submissions"
+
+EVENTS_STREAM = "DUBAN_EVENTS"
+EVENTS_PREFIX = "duban.events"
+EVENTS_ALL = f"{EVENTS_PREFIX}.>"
+
+REFUSALS_STREAM = "DUBAN_REFUSALS"
+REFUSALS_PREFIX = "duban.refusals"
+REFUSALS_ALL = f"{REFUSALS_PREFIX}.>"
+
+# Header carrying the event type, so consumers and `nats` users can filter without decoding.
+EVENT_TYPE_HEADER = "Duban-Event-Type"
+CORRELATION_HEADER = "Duban-Correlation-Id"
+
+
+def submit_subject(role: Role | str, county_code: str) -> str:
+    return f"{SUBMIT_PREFIX}.{Role(role).value}.{county_code}"
+
+
+def parse_submit_subject(subject: str) -> tuple[str, str] | None:
+    """(role token, county token) of a submission subject, or None if it is not one."""
+    parts = subject.split(".")
+    if len(parts) != 4 or ".".join(parts[:2]) != SUBMIT_PREFIX:
+        return None
+    return parts[2], parts[3]
+
+
+def aggregate_subject(programme_id: str, county_code: str) -> str:
+    return f"{EVENTS_PREFIX}.{programme_id}.{county_code}"
+
+
+def refusal_subject(role_token: str, county_token: str) -> str:
+    return f"{REFUSALS_PREFIX}.{role_token}.{county_token}"
+
+
+def inbox_prefix(role: Role | str, county_code: str | None = None) -> str:
+    """Per-user reply inbox prefix, so one county cannot read another's replies."""
+    suffix = f"_{county_code}" if county_code else ""
+    return f"_INBOX_{Role(role).value}{suffix}"

@@ -1,0 +1,110 @@
+"""Reading operator-edited YAML data files into msgspec Structs, with errors that point home.
+
+Every error names the file, the line and the key path (``$.milestones[3].deadline``), and says
+what is wrong, so an operator can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import yaml
+
+T = TypeVar("T")
+
+_AT_PATH = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.DOTALL)
+_PATH_TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used: ``file:line: key: what is wrong``."""
+
+    def __init__(self, path: Path, line: int | None, key: str | None, message: str) -> None:
+        self.path = path
+        self.line = line
+        self.key = key
+        self.message = message
+        where = f"{path}:{line}" if line else str(path)
+        what = f"{key}: {message}" if key else message
+        super().__init__(f"{where}: {what}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_struct(
+    path: Path, type_: type[T], error: type[DataFileError]
+) -> tuple[T, Callable[[str], int | None]]:
+    """Decode ``path`` into ``type_``; returns the value and a key-path → line locator."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(path, None, None, "file not found") from None
+    except UnicodeDecodeError as exc:
+        raise error(
+            path, None, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    try:
+        root = yaml.compose(text, Loader=_UniqueKeyLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise error(path, line, None, f"not valid YAML: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise error(path, None, None, f"not valid YAML: {exc}") from None
+
+    def locate(key_path: str) -> int | None:
+        return _line_of(root, key_path)
+
+    if data is None:
+        raise error(path, None, None, "the file is empty")
+    try:
+        value = msgspec.convert(data, type_, strict=True)
+    except msgspec.ValidationError as exc:
+        match = _AT_PATH.match(str(exc))
+        assert match is not None
+        key = match.group("path")
+        raise error(path, locate(key) if key else None, key, match.group("message")) from None
+    return value, locate
+
+
+def _line_of(root: yaml.Node | None, key_path: str) -> int | None:
+    """Line (1-based) of the deepest node along ``key_path`` that exists in the document."""
+    node = root
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for name, index in _PATH_TOKEN.findall(key_path.removeprefix("$")):
+        child: yaml.Node | None = None
+        if name and isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if str(key_node.value) == name:
+                    child = value_node
+                    line = key_node.start_mark.line + 1
+                    break
+        elif index and isinstance(node, yaml.SequenceNode):
+            i = int(index)
+            if i < len(node.value):
+                child = node.value[i]
+                line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line

@@ -1,0 +1,107 @@
+"""Connecting to NATS and declaring the streams, the same way in every service and the CLI.
+
+The event stream is the source of truth: file storage, kept forever (limits retention, no
+max age), no deletes or purges, a duplicate window for Nats-Msg-Id, atomic batches for the
+several events of one decision. ``sync_interval: always`` is set on the server (see
+services.common.embedded), because acknowledged writes otherwise sit unsynced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, REFUSALS_ALL, REFUSALS_STREAM
+
+log = structlog.get_logger(__name__)
+
+DUPLICATE_WINDOW_SECONDS = 10 * 60
+MAX_EVENT_BYTES = 1024 * 1024
+STREAM_EXISTS_WITH_OTHER_CONFIG = 10058
+
+
+def stream_configs(replicas: int = 1) -> list[StreamConfig]:
+    common: dict[str, Any] = {
+        "retention": RetentionPolicy.LIMITS,
+        "storage": StorageType.FILE,
+        "discard": DiscardPolicy.NEW,  # never silently drop the oldest facts
+        "max_age": 0,
+        "max_msgs": -1,
+        "max_bytes": -1,
+        "max_msg_size": MAX_EVENT_BYTES,
+        "num_replicas": replicas,
+        "deny_delete": True,
+        "deny_purge": True,
+        "duplicate_window": DUPLICATE_WINDOW_SECONDS,
+        "allow_direct": True,
+    }
+    return [
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[EVENTS_ALL],
+            description="duban domain events: one subject per programme and county",
+            allow_atomic=True,
+            **common,
+        ),
+        StreamConfig(
+            name=REFUSALS_STREAM,
+            subjects=[REFUSALS_ALL],
+            description="duban refused submissions, kept so nothing a county sent is lost",
+            **common,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create the streams, or bring an existing one's configuration up to date."""
+    for config in stream_configs(replicas):
+        try:
+            await js.add_stream(config)
+            log.info("stream ready", stream=config.name, replicas=replicas)
+        except BadRequestError as exc:
+            if exc.err_code != STREAM_EXISTS_WITH_OTHER_CONFIG:
+                raise
+            await js.update_stream(config)
+            log.info("stream updated", stream=config.name, replicas=replicas)
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    user: str | None = None,
+    password: str | None = None,
+    inbox_prefix: str | None = None,
+    connect_timeout: float = 5.0,
+) -> NatsClient:
+    """A connection that reconnects by itself and reports problems in the log."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", connection=name, error=str(exc))
+
+    async def on_disconnected() -> None:
+        log.warning("nats disconnected", connection=name)
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected", connection=name)
+
+    options: dict[str, Any] = {
+        "name": name,
+        "connect_timeout": connect_timeout,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
+    }
+    if user is not None:
+        options["user"], options["password"] = user, password
+    if inbox_prefix is not None:
+        options["inbox_prefix"] = inbox_prefix
+    return await nats.connect(url, **options)

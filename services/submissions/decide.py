@@ -1,0 +1,434 @@
+"""Deciding a submission: authorise it, check it against the programme and the county's record,
+and say which events to store — or why it is refused.
+
+Pure and deterministic: (programme, record, submission, sender, now) → decision. The service
+around it does the decoding, the loading and the appending.
+
+Refused outright: malformed, unauthorised, unknown references, dates in the future, a reused
+submission id with other content. A step out of the procedure's order is *not* refused: the
+fact is stored together with a procedure finding (DOMAIN.md, "The procedure").
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from contracts.commands import (
+    COUNTY_COMMANDS,
+    CompleteMilestone,
+    DecideExtension,
+    DecideReview,
+    FileProgressTable,
+    ReportProgress,
+    RequestExtension,
+    RequestReview,
+    RetractSubmission,
+    Role,
+    StartTrialOperation,
+    Submission,
+)
+from contracts.errors import ErrorCode
+from contracts.events import (
+    EventPayload,
+    ExtensionDecided,
+    ExtensionRequested,
+    MilestoneCompleted,
+    ProcedureFindingRecorded,
+    ProgressReported,
+    ProgressTableFiled,
+    ReviewDecided,
+    ReviewRequested,
+    SubmissionRetracted,
+    TrialOperationStarted,
+)
+from contracts.payloads import Document, ExtensionOutcome, ReviewOutcome
+from contracts.programme import Decider, Programme
+from contracts.replies import Refused, refused
+from services.submissions.procedure import Trigger, breaches
+from services.submissions.record import CountyRecord, Facts, StoredSubmission, fold_fact
+
+# How far ahead of our clock a sender's clock may run before its time counts as "future".
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sent the submission, as the subject it arrived on proves (the server enforces it)."""
+
+    role: Role
+    county_code: str  # the subject's county token
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    event_id: str
+    payload: EventPayload
+
+
+@dataclass(frozen=True)
+class Accept:
+    events: tuple[NewEvent, ...]
+    occurred_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    stored: StoredSubmission
+
+
+Decision = Accept | Duplicate | Refused
+
+
+class _Refusal(Exception):
+    def __init__(self, refusal: Refused) -> None:
+        self.refusal = refusal
+
+
+def event_id(submission_id: str, index: int) -> str:
+    return f"{submission_id}/{index}"
+
+
+def authorise(
+    sender: Sender, submission: Submission, programmes: dict[str, Programme]
+) -> Programme | Refused:
+    """Checks that need no history: the subject, the sender's role, the programme and county."""
+    sid = submission.submission_id
+    if submission.county_code != sender.county_code:
+        return refused(
+            ErrorCode.COUNTY_MISMATCH,
+            submission_id=sid,
+            field="$.county_code",
+            detail=f"subject county {sender.county_code}, payload county {submission.county_code}",
+        )
+    is_county_command = isinstance(submission.command, COUNTY_COMMANDS)
+    if (sender.role is Role.COUNTY) != is_county_command:
+        who = "county systems" if sender.role is Role.COUNTY else f"{sender.role} operators"
+        return refused(
+            ErrorCode.NOT_AUTHORISED,
+            submission_id=sid,
+            field="$.command.kind",
+            detail=f"{who} may not submit {type(submission.command).__struct_config__.tag}",
+        )
+    programme = programmes.get(submission.programme_id)
+    if programme is None:
+        return refused(
+            ErrorCode.UNKNOWN_PROGRAMME,
+            submission_id=sid,
+            field="$.programme_id",
+            detail=f"known: {', '.join(sorted(programmes))}",
+        )
+    if programme.county(submission.county_code) is None:
+        return refused(ErrorCode.UNKNOWN_COUNTY, submission_id=sid, field="$.county_code")
+    return programme
+
+
+def decide(
+    programme: Programme,
+    record: CountyRecord,
+    submission: Submission,
+    digest: str,
+    sender: Sender,
+    now: dt.datetime,
+) -> Decision:
+    """Decide an authorised submission against the county's record."""
+    sid = submission.submission_id
+    stored = record.submissions.get(sid)
+    if stored is not None:
+        if stored.digest == digest:
+            return Duplicate(stored)
+        return refused(ErrorCode.SUBMISSION_ID_CONFLICT, submission_id=sid, field="$.submission_id")
+    try:
+        occurred_at = _occurred_at(submission, now)
+        context = _Context(programme, record, submission, sender, occurred_at, now)
+        payloads = list(context.facts_of_command())
+    except _Refusal as refusal:
+        return refusal.refusal
+    return Accept(
+        tuple(_with_findings(programme, record.facts, sid, payloads, context.on)), occurred_at
+    )
+
+
+def _occurred_at(submission: Submission, now: dt.datetime) -> dt.datetime:
+    if submission.occurred_at is None:
+        return now
+    if submission.occurred_at > now + CLOCK_SKEW:
+        raise _Refusal(
+            refused(
+                ErrorCode.DATE_IN_FUTURE,
+                submission_id=submission.submission_id,
+                field="$.occurred_at",
+                detail=f"{submission.occurred_at.isoformat()} is after {now.isoformat()}",
+            )
+        )
+    return submission.occurred_at
+
+
+def _with_findings(
+    programme: Programme,
+    facts_before: Facts,
+    submission_id: str,
+    payloads: list[EventPayload],
+    on: dt.date,
+) -> Iterator[NewEvent]:
+    """Number the facts and add a finding after each fact that breaks a procedure rule.
+
+    Each fact is judged against the record as it stands with the decision's earlier facts
+    applied, so a provincial approval that completes milestone 1.2 satisfies its own rule.
+    """
+    facts = copy.deepcopy(facts_before)
+    index = 0
+    for payload in payloads:
+        own_id = event_id(submission_id, index)
+        index += 1
+        yield NewEvent(own_id, payload)
+        for trigger in _triggers(programme, facts, payload):
+            for breach in breaches(programme, facts, trigger, on):
+                milestone = (
+                    trigger.value.split("/")[0] if trigger.kind != "review_requested" else None
+                )
+                yield NewEvent(
+                    event_id(submission_id, index),
+                    ProcedureFindingRecorded(
+                        rule_id=breach.rule.id,
+                        trigger_event_id=own_id,
+                        finding_zh=breach.rule.finding_zh,
+                        finding_en=breach.rule.finding_en,
+                        milestone_id=milestone or _review_milestone(programme, trigger),
+                        detail=breach.detail,
+                    ),
+                )
+                index += 1
+        fold_fact(facts, payload, submission_id)
+
+
+def _review_milestone(programme: Programme, trigger: Trigger) -> str | None:
+    review = programme.review(trigger.value) if trigger.kind == "review_requested" else None
+    return review.milestone if review else None
+
+
+def _triggers(programme: Programme, facts: Facts, payload: EventPayload) -> Iterable[Trigger]:
+    match payload:
+        case ProgressReported():
+            done = facts.steps_done.get(payload.milestone_id, set())
+            for step in payload.steps_done:
+                if step not in done:
+                    yield Trigger("step_done", f"{payload.milestone_id}/{step}")
+        case MilestoneCompleted():
+            if payload.milestone_id not in facts.completed:
+                yield Trigger("milestone_completed", payload.milestone_id)
+                milestone = programme.milestone(payload.milestone_id)
+                done = facts.steps_done.get(payload.milestone_id, set())
+                for step in milestone.steps if milestone else ():
+                    if step.id not in done:
+                        yield Trigger("step_done", f"{payload.milestone_id}/{step.id}")
+        case ReviewRequested():
+            yield Trigger("review_requested", payload.review_kind)
+        case TrialOperationStarted():
+            if facts.trial_started_on is None:
+                yield Trigger("trial_operation_started")
+        case _:
+            return
+
+
+class _Context:
+    """One submission being turned into facts; raises _Refusal for what cannot be stored."""
+
+    def __init__(
+        self,
+        programme: Programme,
+        record: CountyRecord,
+        submission: Submission,
+        sender: Sender,
+        occurred_at: dt.datetime,
+        now: dt.datetime,
+    ) -> None:
+        self.programme = programme
+        self.record = record
+        self.submission = submission
+        self.sender = sender
+        zone = ZoneInfo(programme.programme.timezone)
+        self.today = now.astimezone(zone).date()
+        self.on = occurred_at.astimezone(zone).date()  # the local day it happened
+
+    def refuse(self, code: ErrorCode, field: str, detail: str = "") -> _Refusal:
+        return _Refusal(
+            refused(code, submission_id=self.submission.submission_id, field=field, detail=detail)
+        )
+
+    def milestone(self, milestone_id: str, field: str = "$.command.milestone_id") -> None:
+        if self.programme.milestone(milestone_id) is None:
+            known = ", ".join(m.id for m in self.programme.milestones)
+            raise self.refuse(
+                ErrorCode.UNKNOWN_MILESTONE, field, f"{milestone_id!r}; known: {known}"
+            )
+
+    def not_future(self, day: dt.date, field: str) -> None:
+        if day > self.today:
+            raise self.refuse(
+                ErrorCode.DATE_IN_FUTURE,
+                field,
+                f"{day.isoformat()} is after {self.today.isoformat()}",
+            )
+
+    def review_kind(self, kind: str) -> Decider:
+        review = self.programme.review(kind)
+        if review is None:
+            known = ", ".join(r.kind for r in self.programme.reviews)
+            raise self.refuse(
+                ErrorCode.UNKNOWN_REVIEW_KIND, "$.command.review_kind", f"{kind!r}; known: {known}"
+            )
+        return review.decided_by
+
+    def prior_submission(self, submission_id: str, field: str) -> StoredSubmission:
+        stored = self.record.submissions.get(submission_id)
+        if stored is None:
+            raise self.refuse(ErrorCode.UNKNOWN_SUBMISSION, field, submission_id)
+        return stored
+
+    def facts_of_command(self) -> Iterator[EventPayload]:
+        command = self.submission.command
+        match command:
+            case ReportProgress():
+                self.milestone(command.milestone_id)
+                milestone = self.programme.milestone(command.milestone_id)
+                assert milestone is not None
+                for i, step in enumerate(command.steps_done):
+                    if milestone.step(step) is None:
+                        known = ", ".join(s.id for s in milestone.steps) or "none"
+                        raise self.refuse(
+                            ErrorCode.UNKNOWN_STEP, f"$.command.steps_done[{i}]", f"known: {known}"
+                        )
+                yield ProgressReported(**_fields(command))
+            case CompleteMilestone():
+                self.milestone(command.milestone_id)
+                self.not_future(command.completed_on, "$.command.completed_on")
+                yield MilestoneCompleted(**_fields(command), via="county")
+            case RequestReview():
+                self.review_kind(command.review_kind)
+                yield ReviewRequested(**_fields(command))
+            case StartTrialOperation():
+                self.not_future(command.started_on, "$.command.started_on")
+                yield TrialOperationStarted(**_fields(command))
+                for milestone in self.programme.milestones_completed_by("trial_operation_started"):
+                    yield MilestoneCompleted(
+                        milestone_id=milestone.id,
+                        completed_on=command.started_on,
+                        evidence=(Document(title="系统试运行开始"),),
+                        via="trial_operation_started",
+                    )
+            case FileProgressTable():
+                first_day = dt.date(int(command.period[:4]), int(command.period[5:]), 1)
+                self.not_future(first_day, "$.command.period")
+                for i, line in enumerate(command.lines):
+                    self.milestone(line.milestone_id, f"$.command.lines[{i}].milestone_id")
+                yield ProgressTableFiled(**_fields(command))
+            case RequestExtension():
+                self.milestone(command.milestone_id)
+                milestone = self.programme.milestone(command.milestone_id)
+                assert milestone is not None
+                if command.proposed_deadline <= milestone.deadline:
+                    raise self.refuse(
+                        ErrorCode.INVALID_VALUE,
+                        "$.command.proposed_deadline",
+                        f"must be after the ledger deadline {milestone.deadline.isoformat()}",
+                    )
+                yield ExtensionRequested(**_fields(command))
+            case DecideReview():
+                yield from self._review_decision(command)
+            case DecideExtension():
+                yield from self._extension_decision(command)
+            case RetractSubmission():
+                target = self.prior_submission(
+                    command.retracted_submission_id, "$.command.retracted_submission_id"
+                )
+                if target.retracted or any(
+                    e.event_type == "submission_retracted" for e in target.events
+                ):
+                    raise self.refuse(
+                        ErrorCode.INVALID_VALUE,
+                        "$.command.retracted_submission_id",
+                        "already retracted, or itself a retraction",
+                    )
+                yield SubmissionRetracted(**_fields(command))
+
+    def _review_decision(self, command: DecideReview) -> Iterator[EventPayload]:
+        decider = self.review_kind(command.review_kind)
+        if decider is Decider.NONE:
+            raise self.refuse(
+                ErrorCode.INVALID_VALUE,
+                "$.command.review_kind",
+                f"{command.review_kind} is reported by the county, not decided by an operator",
+            )
+        if decider.value != self.sender.role.value:
+            raise self.refuse(
+                ErrorCode.NOT_AUTHORISED,
+                "$.command.review_kind",
+                f"{command.review_kind} is decided by the {decider.value}, not the {self.sender.role}",
+            )
+        self.not_future(command.decided_on, "$.command.decided_on")
+        if command.request_submission_id is not None:
+            self.prior_submission(command.request_submission_id, "$.command.request_submission_id")
+            requested = self.record.facts.reviews_requested.get(command.review_kind, [])
+            if command.request_submission_id not in requested:
+                raise self.refuse(
+                    ErrorCode.INVALID_VALUE,
+                    "$.command.request_submission_id",
+                    f"not a {command.review_kind} request on record",
+                )
+        yield ReviewDecided(**_fields(command))
+        if command.outcome is ReviewOutcome.PASSED:
+            review = self.programme.review(command.review_kind)
+            assert review is not None
+            for milestone in self.programme.milestones_completed_by(f"review:{review.kind}"):
+                yield MilestoneCompleted(
+                    milestone_id=milestone.id,
+                    completed_on=command.decided_on,
+                    evidence=(
+                        Document(
+                            title=f"{review.name}通过", number=command.approval_document_number
+                        ),
+                    ),
+                    via=f"review:{review.kind}",
+                )
+
+    def _extension_decision(self, command: DecideExtension) -> Iterator[EventPayload]:
+        if self.sender.role is not Role.CITY:
+            raise self.refuse(
+                ErrorCode.NOT_AUTHORISED, "$.command.kind", "extensions are decided by the city"
+            )
+        self.milestone(command.milestone_id)
+        if command.request_submission_id is not None:
+            self.prior_submission(command.request_submission_id, "$.command.request_submission_id")
+            requested = self.record.facts.extension_requests.get(command.request_submission_id)
+            if requested != command.milestone_id:
+                raise self.refuse(
+                    ErrorCode.INVALID_VALUE,
+                    "$.command.request_submission_id",
+                    f"not an extension request for milestone {command.milestone_id}",
+                )
+        if command.outcome is ExtensionOutcome.GRANTED:
+            milestone = self.programme.milestone(command.milestone_id)
+            assert milestone is not None
+            if command.new_deadline is None:
+                raise self.refuse(
+                    ErrorCode.MALFORMED, "$.command.new_deadline", "a grant needs the new deadline"
+                )
+            if command.new_deadline <= milestone.deadline:
+                raise self.refuse(
+                    ErrorCode.INVALID_VALUE,
+                    "$.command.new_deadline",
+                    f"must be after the ledger deadline {milestone.deadline.isoformat()}",
+                )
+        elif not command.reason:
+            raise self.refuse(ErrorCode.MALFORMED, "$.command.reason", "a refusal needs a reason")
+        yield ExtensionDecided(**_fields(command))
+
+
+def _fields(command: object) -> dict[str, object]:
+    """A command's fields, to build the event that records it (same field set, other tag)."""
+    return {name: getattr(command, name) for name in command.__struct_fields__}  # type: ignore[attr-defined]

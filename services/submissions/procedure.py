@@ -1,0 +1,104 @@
+"""The procedure of the notice (第三条): which steps must come before which.
+
+The rules themselves are data (``rules:`` in the programme file); this module says what a
+trigger is and when a requirement is met. A step reported out of order is a fact all the same:
+it is stored, and a procedure finding is stored beside it.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from contracts.programme import Decider, ProcedureRule, Programme
+from services.submissions.record import Facts
+
+TriggerKind = Literal[
+    "review_requested", "step_done", "milestone_completed", "trial_operation_started"
+]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Something a county reported that the rules look at; ``value`` names what."""
+
+    kind: TriggerKind
+    value: str = ""  # review kind, "milestone/step", milestone id
+
+
+@dataclass(frozen=True)
+class Breach:
+    rule: ProcedureRule
+    trigger: Trigger
+    detail: str
+
+
+def breaches(programme: Programme, facts: Facts, trigger: Trigger, on: dt.date) -> Iterator[Breach]:
+    """The rules that ``trigger``, happening ``on`` a date with ``facts`` on record, breaks."""
+    for rule in programme.rules:
+        if _matches(rule, trigger):
+            unmet = _unmet(programme, facts, rule, on)
+            if unmet is not None:
+                yield Breach(rule, trigger, unmet)
+
+
+def _matches(rule: ProcedureRule, trigger: Trigger) -> bool:
+    when = rule.when
+    match trigger.kind:
+        case "review_requested":
+            return when.review_requested == trigger.value
+        case "step_done":
+            return when.step_done == trigger.value
+        case "milestone_completed":
+            return trigger.value in (when.milestone_completed or ())
+        case "trial_operation_started":
+            return bool(when.trial_operation_started)
+    return False
+
+
+def _unmet(programme: Programme, facts: Facts, rule: ProcedureRule, on: dt.date) -> str | None:
+    """None when the rule's requirement holds; otherwise what is missing, in Chinese."""
+    req = rule.requires
+    if req.review_passed is not None:
+        if review_passed(programme, facts, req.review_passed):
+            return None
+        review = programme.review(req.review_passed)
+        name = review.name if review else req.review_passed
+        return f"截至{on.isoformat()}未见“{name}”通过记录"
+    if req.milestone_completed is not None:
+        if req.milestone_completed in facts.completed:
+            return None
+        return f"截至{on.isoformat()}建设任务{req.milestone_completed}尚未完成"
+    if req.trial_operation_months is not None:
+        months = req.trial_operation_months
+        started = facts.trial_started_on
+        if started is None:
+            return f"截至{on.isoformat()}未见系统试运行开始记录"
+        earliest = add_months(started, months)
+        if earliest <= on:
+            return None
+        return (
+            f"系统于{started.isoformat()}开始试运行，至{on.isoformat()}不足{months}个月"
+            f"（最早可于{earliest.isoformat()}申请）"
+        )
+    return None
+
+
+def review_passed(programme: Programme, facts: Facts, kind: str) -> bool:
+    """A review of a kind nobody decides (自验) counts as passed once the county reports it."""
+    if kind in facts.reviews_passed:
+        return True
+    review = programme.review(kind)
+    return (
+        review is not None and review.decided_by is Decider.NONE and kind in facts.reviews_requested
+    )
+
+
+def add_months(day: dt.date, months: int) -> dt.date:
+    """The same day ``months`` calendar months later, clamped to the month's end (8-31 → 2-28)."""
+    index = day.month - 1 + months
+    year, month = day.year + index // 12, index % 12 + 1
+    return dt.date(year, month, min(day.day, calendar.monthrange(year, month)[1]))

@@ -1,0 +1,168 @@
+"""The submissions application service: one submission in, one reply out.
+
+Thin orchestration around the pure decision (services.submissions.decide): decode with a size
+limit, authorise against the subject, load the county's record, decide, append, and on a
+concurrent append reload and decide again (bounded). Refusals are recorded too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+from collections import defaultdict
+
+import msgspec
+import structlog
+from nats.errors import Error as NatsError
+
+from contracts.commands import MAX_SUBMISSION_BYTES, Role, Submission, decode_submission, encode
+from contracts.errors import ErrorCode
+from contracts.events import EVENT_SCHEMA_VERSIONS, Actor, EventEnvelope, event_type_of
+from contracts.programme import Programme
+from contracts.replies import Accepted, Refused, refused
+from contracts.subjects import parse_submit_subject
+from services.common.clock import Clock
+from services.submissions.decide import Accept, Duplicate, Sender, authorise, decide
+from services.submissions.record import CountyRecord
+from services.submissions.store import AppendConflict, AppendUncertain, EventStore
+
+log = structlog.get_logger(__name__)
+
+MAX_ATTEMPTS = 8
+
+
+class SubmissionsService:
+    def __init__(
+        self, store: EventStore, programmes: dict[str, Programme], clock: Clock, max_attempts: int = MAX_ATTEMPTS
+    ) -> None:
+        self._store = store
+        self._programmes = programmes
+        self._clock = clock
+        self._max_attempts = max_attempts
+        self._records: dict[tuple[str, str], CountyRecord] = {}
+        # One decision at a time per aggregate in this process; other processes are kept in
+        # order by the expected-sequence check on append.
+        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def handle(self, subject: str, body: bytes) -> Accepted | Refused:
+        tokens = parse_submit_subject(subject)
+        role_token, county_token = tokens if tokens else ("unknown", "unknown")
+        outcome = await self._handle(role_token, county_token, body)
+        if isinstance(outcome, Refused):
+            log.info(
+                "submission refused",
+                subject=subject,
+                code=outcome.code,
+                field=outcome.field,
+                submission_id=outcome.submission_id,
+            )
+            if outcome.code is not ErrorCode.UNAVAILABLE:
+                await self._store.record_refusal(
+                    subject, role_token, county_token, body, outcome, self._clock.now()
+                )
+        return outcome
+
+    async def _handle(self, role_token: str, county_token: str, body: bytes) -> Accepted | Refused:
+        if len(body) > MAX_SUBMISSION_BYTES:
+            return refused(
+                ErrorCode.OVERSIZED, detail=f"{len(body)} bytes; the limit is {MAX_SUBMISSION_BYTES}"
+            )
+        try:
+            submission = decode_submission(body)
+        except msgspec.ValidationError as exc:
+            message, _, path = str(exc).partition(" - at `")
+            return refused(ErrorCode.MALFORMED, field=path.rstrip("`") or None, detail=message)
+        except msgspec.DecodeError as exc:
+            return refused(ErrorCode.MALFORMED, detail=f"not JSON: {exc}")
+        try:
+            sender = Sender(Role(role_token), county_token, submission.submitted_by)
+        except ValueError:
+            return refused(ErrorCode.NOT_AUTHORISED, submission_id=submission.submission_id)
+        authorised = authorise(sender, submission, self._programmes)
+        if isinstance(authorised, Refused):
+            return authorised
+        with structlog.contextvars.bound_contextvars(
+            correlation_id=submission.submission_id, county_code=submission.county_code
+        ):
+            try:
+                return await self._decide_and_append(authorised, sender, submission)
+            except (NatsError, OSError) as exc:
+                log.warning("event store unavailable", error=str(exc))
+                return refused(ErrorCode.UNAVAILABLE, submission_id=submission.submission_id, detail=str(exc))
+
+    async def _decide_and_append(
+        self, programme: Programme, sender: Sender, submission: Submission
+    ) -> Accepted | Refused:
+        key = (programme.id, submission.county_code)
+        digest = hashlib.sha256(encode(submission)).hexdigest()
+        async with self._locks[key]:
+            record = self._records.get(key)
+            if record is None:
+                record = await self._store.catch_up(CountyRecord(*key))
+                self._records[key] = record
+            for attempt in range(1, self._max_attempts + 1):
+                now = self._clock.now()
+                decision = decide(programme, record, submission, digest, sender, now)
+                if isinstance(decision, Refused):
+                    return decision
+                if isinstance(decision, Duplicate):
+                    return Accepted(
+                        submission_id=submission.submission_id,
+                        events=tuple(decision.stored.events),
+                        findings=tuple(decision.stored.findings),
+                        duplicate=True,
+                    )
+                envelopes = _envelopes(decision, submission, sender, digest, now)
+                try:
+                    sequences = await self._store.append(record, envelopes)
+                except (AppendConflict, AppendUncertain) as exc:
+                    log.info("append retried", attempt=attempt, reason=str(exc))
+                    record = await self._store.catch_up(record)
+                    continue
+                for envelope, sequence in zip(envelopes, sequences, strict=True):
+                    record.apply(envelope, sequence)
+                stored = record.submissions[submission.submission_id]
+                log.info("submission accepted", events=len(envelopes), findings=len(stored.findings))
+                return Accepted(
+                    submission_id=submission.submission_id,
+                    events=tuple(stored.events),
+                    findings=tuple(stored.findings),
+                )
+        return refused(
+            ErrorCode.UNAVAILABLE,
+            submission_id=submission.submission_id,
+            detail=f"the county's record kept changing; gave up after {self._max_attempts} attempts",
+        )
+
+
+def _envelopes(
+    decision: Accept, submission: Submission, sender: Sender, digest: str, now: dt.datetime
+) -> list[EventEnvelope]:
+    actor = Actor(
+        role=sender.role.value,
+        county_code=sender.county_code if sender.role is Role.COUNTY else None,
+        user=sender.user,
+    )
+    envelopes = []
+    for new in decision.events:
+        event_type = event_type_of(new.payload)
+        causation = getattr(new.payload, "trigger_event_id", submission.submission_id)
+        envelopes.append(
+            EventEnvelope(
+                event_id=new.event_id,
+                schema_version=EVENT_SCHEMA_VERSIONS[event_type],
+                programme_id=submission.programme_id,
+                county_code=submission.county_code,
+                occurred_at=decision.occurred_at,
+                recorded_at=now,
+                actor=actor,
+                submission_id=submission.submission_id,
+                submission_digest=digest,
+                causation_id=causation,
+                correlation_id=submission.submission_id,
+                payload=new.payload,
+            )
+        )
+    return envelopes
+

@@ -1,0 +1,166 @@
+"""The event store on JetStream: load a county's record, append a decision's events.
+
+One subject per aggregate. An append carries ``Nats-Expected-Last-Subject-Sequence`` (the
+record's last sequence, 0 for a new aggregate): if someone else appended first the server
+answers 10071 and the caller reloads and decides again. A decision with several events goes
+in one atomic batch, so its facts and findings are stored together or not at all. Every event
+carries ``Nats-Msg-Id`` = its deterministic event id, so a retried append is stored once.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import BadRequestError, NotFoundError
+
+from contracts.events import EventEnvelope, decode_event, encode_event
+from contracts.replies import RefusalRecord, Refused
+from contracts.subjects import (
+    EVENT_TYPE_HEADER,
+    EVENTS_STREAM,
+    aggregate_subject,
+    refusal_subject,
+)
+from services.submissions.record import CountyRecord
+
+log = structlog.get_logger(__name__)
+
+WRONG_LAST_SEQUENCE = 10071
+BATCH_DUPLICATE_MSG_ID = 10201
+REFUSAL_BODY_LIMIT = 64 * 1024
+
+
+class AppendConflict(Exception):
+    """Someone appended to the aggregate first (or these events are already stored): reload."""
+
+
+class AppendUncertain(Exception):
+    """No answer in time: the events may or may not be stored. Reload before deciding again."""
+
+
+class EventStore:
+    def __init__(self, nc: NatsClient, js: JetStreamContext, timeout: float = 5.0) -> None:
+        self._nc = nc
+        self._js = js
+        self._timeout = timeout
+
+    async def catch_up(self, record: CountyRecord) -> CountyRecord:
+        """Apply the aggregate's events stored after ``record.last_sequence``."""
+        subject = aggregate_subject(record.programme_id, record.county_code)
+        try:
+            last = await self._js.get_last_msg(EVENTS_STREAM, subject)
+        except NotFoundError:
+            return record
+        last_seq = int(last.seq or 0)
+        if last_seq <= record.last_sequence:
+            return record
+        sub = await self._js.subscribe(
+            subject,
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=record.last_sequence + 1,
+            ),
+        )
+        try:
+            while record.last_sequence < last_seq:
+                msg = await sub.next_msg(timeout=self._timeout)
+                record.apply(decode_event(msg.data), msg.metadata.sequence.stream)
+        finally:
+            await sub.unsubscribe()
+        return record
+
+    async def append(self, record: CountyRecord, events: list[EventEnvelope]) -> list[int]:
+        """Append atomically after ``record.last_sequence``; returns the stream sequences."""
+        subject = aggregate_subject(record.programme_id, record.county_code)
+        expected = str(record.last_sequence)
+        try:
+            if len(events) == 1:
+                ack = await self._js.publish(
+                    subject,
+                    encode_event(events[0]),
+                    timeout=self._timeout,
+                    headers={
+                        "Nats-Msg-Id": events[0].event_id,
+                        "Nats-Expected-Last-Subject-Sequence": expected,
+                        EVENT_TYPE_HEADER: events[0].event_type,
+                    },
+                )
+                if ack.duplicate:
+                    raise AppendConflict("already stored")
+                return [int(ack.seq)]
+            return await self._append_batch(subject, expected, events)
+        except BadRequestError as exc:
+            if exc.err_code in (WRONG_LAST_SEQUENCE, BATCH_DUPLICATE_MSG_ID):
+                raise AppendConflict(exc.description) from exc
+            raise
+        except NatsTimeoutError as exc:
+            raise AppendUncertain(str(exc)) from exc
+
+    async def _append_batch(self, subject: str, expected: str, events: list[EventEnvelope]) -> list[int]:
+        # JetStream atomic batch (server >= 2.12); nats-py has no helper for it.
+        batch_id = hashlib.sha256(events[0].event_id.encode()).hexdigest()[:32]
+        last = len(events)
+        for number, event in enumerate(events, start=1):
+            headers = {
+                "Nats-Batch-Id": batch_id,
+                "Nats-Batch-Sequence": str(number),
+                "Nats-Msg-Id": event.event_id,
+                EVENT_TYPE_HEADER: event.event_type,
+            }
+            if number == 1:
+                headers["Nats-Expected-Last-Subject-Sequence"] = expected
+            if number < last:
+                await self._nc.publish(subject, encode_event(event), headers=headers)
+                continue
+            headers["Nats-Batch-Commit"] = "1"
+            reply = await self._nc.request(subject, encode_event(event), headers=headers, timeout=self._timeout)
+            answer = msgspec.json.decode(reply.data)
+            if "error" in answer:
+                error = answer["error"]
+                raise BadRequestError(
+                    code=error.get("code"), err_code=error.get("err_code"), description=error.get("description")
+                )
+            final = int(answer["seq"])
+            if int(answer.get("count", 0)) != last:
+                raise AppendUncertain(f"batch ack for {answer.get('count')} of {last} events")
+            return list(range(final - last + 1, final + 1))
+        raise AssertionError("unreachable: a batch has at least one event")
+
+    async def record_refusal(
+        self, subject: str, role_token: str, county_token: str, body: bytes, refusal: Refused, now: dt.datetime
+    ) -> None:
+        """Keep a refused submission where operators can list it. Never raises."""
+        digest = hashlib.sha256(body).hexdigest()
+        kept = body[:REFUSAL_BODY_LIMIT]
+        try:
+            text, encoding = kept.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, encoding = base64.b64encode(kept).decode("ascii"), "base64"
+        record = RefusalRecord(
+            received_at=now,
+            subject=subject,
+            refusal=refusal,
+            size=len(body),
+            sha256=digest,
+            body=text,
+            body_encoding=encoding,
+            body_truncated=len(body) > REFUSAL_BODY_LIMIT,
+        )
+        try:
+            await self._js.publish(
+                refusal_subject(role_token, county_token),
+                msgspec.json.encode(record),
+                timeout=self._timeout,
+                headers={"Nats-Msg-Id": f"refusal-{digest}-{refusal.code}"},
+            )
+        except Exception as exc:  # a lost refusal record must not turn into a lost reply
+            log.error("refusal not recorded", subject=subject, code=refusal.code, error=str(exc))
