@@ -39,50 +39,45 @@ class Role(enum.StrEnum):
 
 
 # -- county commands ----------------------------------------------------------------------------
-class ReportProgress(ProgressFields, tag_field="kind", tag="report_progress"):
+class ReportProgress(ProgressFields, tag_field="kind", tag="report_progress", frozen=True):
     """Milestone progress: percent done, a note, named steps finished."""
 
 
-class CompleteMilestone(CompletionFields, tag_field="kind", tag="complete_milestone"):
+class CompleteMilestone(CompletionFields, tag_field="kind", tag="complete_milestone", frozen=True):
     """A milestone is done, on this date, with this evidence."""
 
 
-class RequestReview(ReviewRequestFields, tag_field="kind", tag="request_review"):
+class RequestReview(ReviewRequestFields, tag_field="kind", tag="request_review", frozen=True):
     """Ask for a review (预审, 报审, 预验收, 正式验收) or report one done by the county (自验)."""
 
 
-class StartTrialOperation(TrialOperationFields, tag_field="kind", tag="start_trial_operation"):
+class StartTrialOperation(TrialOperationFields, tag_field="kind", tag="start_trial_operation", frozen=True):
     """The system went into trial operation (试运行) on this date."""
 
 
-class FileProgressTable(ProgressTableFields, tag_field="kind", tag="file_progress_table"):
+class FileProgressTable(ProgressTableFields, tag_field="kind", tag="file_progress_table", frozen=True):
     """The periodic 督查进度一览表: one line per milestone."""
 
 
-class RequestExtension(ExtensionRequestFields, tag_field="kind", tag="request_extension"):
+class RequestExtension(ExtensionRequestFields, tag_field="kind", tag="request_extension", frozen=True):
     """Ask for a later deadline (延期) for one milestone, with a reason."""
 
 
 # -- operator commands --------------------------------------------------------------------------
-class DecideReview(ReviewDecisionFields, tag_field="kind", tag="decide_review"):
+class DecideReview(ReviewDecisionFields, tag_field="kind", tag="decide_review", frozen=True):
     """A review decision: passed (with the approval document) or returned with comments."""
 
 
-class DecideExtension(ExtensionDecisionFields, tag_field="kind", tag="decide_extension"):
+class DecideExtension(ExtensionDecisionFields, tag_field="kind", tag="decide_extension", frozen=True):
     """An extension granted (with the new deadline) or refused (with a reason)."""
 
 
-class RetractSubmission(RetractionFields, tag_field="kind", tag="retract_submission"):
+class RetractSubmission(RetractionFields, tag_field="kind", tag="retract_submission", frozen=True):
     """Withdraw an earlier submission's facts; nothing is edited, this is a new fact."""
 
 
 CountyCommand = (
-    ReportProgress
-    | CompleteMilestone
-    | RequestReview
-    | StartTrialOperation
-    | FileProgressTable
-    | RequestExtension
+    ReportProgress | CompleteMilestone | RequestReview | StartTrialOperation | FileProgressTable | RequestExtension
 )
 OperatorCommand = DecideReview | DecideExtension | RetractSubmission
 Command = CountyCommand | OperatorCommand
@@ -98,7 +93,7 @@ COUNTY_COMMANDS: tuple[type[Fields], ...] = (
 OPERATOR_COMMANDS: tuple[type[Fields], ...] = (DecideReview, DecideExtension, RetractSubmission)
 
 
-class Submission(Fields):
+class Submission(Fields, frozen=True):
     """One command, as a county system or operator sends it."""
 
     submission_id: SubmissionId  # chosen by the sender; resending it is safe (idempotent)

@@ -31,7 +31,7 @@ from contracts.payloads import (
 )
 
 
-class Actor(Fields):
+class Actor(Fields, frozen=True):
     """The authenticated sender: its role (from the subject the server let it publish on), its
     county for county systems, and the user name it gave for the record."""
 
@@ -40,45 +40,45 @@ class Actor(Fields):
     user: str | None = None
 
 
-class ProgressReported(ProgressFields, tag_field="type", tag="progress_reported"):
+class ProgressReported(ProgressFields, tag_field="type", tag="progress_reported", frozen=True):
     pass
 
 
-class MilestoneCompleted(CompletionFields, tag_field="type", tag="milestone_completed"):
+class MilestoneCompleted(CompletionFields, tag_field="type", tag="milestone_completed", frozen=True):
     # county: reported by the county; review:<kind>: a passed review completed it;
     # trial_operation_started: the start of trial operation completed it.
     via: str = "county"
 
 
-class ReviewRequested(ReviewRequestFields, tag_field="type", tag="review_requested"):
+class ReviewRequested(ReviewRequestFields, tag_field="type", tag="review_requested", frozen=True):
     pass
 
 
-class ReviewDecided(ReviewDecisionFields, tag_field="type", tag="review_decided"):
+class ReviewDecided(ReviewDecisionFields, tag_field="type", tag="review_decided", frozen=True):
     pass
 
 
-class TrialOperationStarted(TrialOperationFields, tag_field="type", tag="trial_operation_started"):
+class TrialOperationStarted(TrialOperationFields, tag_field="type", tag="trial_operation_started", frozen=True):
     pass
 
 
-class ProgressTableFiled(ProgressTableFields, tag_field="type", tag="progress_table_filed"):
+class ProgressTableFiled(ProgressTableFields, tag_field="type", tag="progress_table_filed", frozen=True):
     pass
 
 
-class ExtensionRequested(ExtensionRequestFields, tag_field="type", tag="extension_requested"):
+class ExtensionRequested(ExtensionRequestFields, tag_field="type", tag="extension_requested", frozen=True):
     pass
 
 
-class ExtensionDecided(ExtensionDecisionFields, tag_field="type", tag="extension_decided"):
+class ExtensionDecided(ExtensionDecisionFields, tag_field="type", tag="extension_decided", frozen=True):
     pass
 
 
-class SubmissionRetracted(RetractionFields, tag_field="type", tag="submission_retracted"):
+class SubmissionRetracted(RetractionFields, tag_field="type", tag="submission_retracted", frozen=True):
     pass
 
 
-class ProcedureFindingRecorded(Fields, tag_field="type", tag="procedure_finding_recorded"):
+class ProcedureFindingRecorded(Fields, tag_field="type", tag="procedure_finding_recorded", frozen=True):
     """A step reported out of the procedure's order: the fact stands, this finding says why it
     is irregular. The ledger shows it; escalation acts on it."""
 
@@ -131,7 +131,7 @@ def event_type_of(payload: EventPayload) -> str:
     return str(payload.__struct_config__.tag)
 
 
-class EventEnvelope(Fields):
+class EventEnvelope(Fields, frozen=True):
     event_id: str  # deterministic: "<submission_id>/<index in decision>"
     schema_version: int
     programme_id: ProgrammeId

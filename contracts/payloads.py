@@ -32,7 +32,7 @@ class Fields(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     """Base of every message struct: strict (unknown fields refused), immutable."""
 
 
-class Document(Fields):
+class Document(Fields, frozen=True):
     """A piece of evidence: a document, its number, and where to find or check it."""
 
     title: Title
@@ -41,43 +41,43 @@ class Document(Fields):
     url: Url | None = None
 
 
-class ProgressFields(Fields):
+class ProgressFields(Fields, frozen=True):
     milestone_id: MilestoneId
     percent: Percent
     note: Note = ""
     steps_done: Annotated[tuple[StepId, ...], msgspec.Meta(max_length=32)] = ()
 
 
-class CompletionFields(Fields):
+class CompletionFields(Fields, frozen=True):
     milestone_id: MilestoneId
     completed_on: dt.date
     evidence: Annotated[tuple[Document, ...], msgspec.Meta(min_length=1, max_length=50)]
     note: Note = ""
 
 
-class ReviewRequestFields(Fields):
+class ReviewRequestFields(Fields, frozen=True):
     review_kind: ReviewKind
     documents: Annotated[tuple[Document, ...], msgspec.Meta(max_length=50)] = ()
     note: Note = ""
 
 
-class TrialOperationFields(Fields):
+class TrialOperationFields(Fields, frozen=True):
     started_on: dt.date
     note: Note = ""
 
 
-class ProgressTableLine(Fields):
+class ProgressTableLine(Fields, frozen=True):
     milestone_id: MilestoneId
     percent: Percent
     note: Note = ""
 
 
-class ProgressTableFields(Fields):
+class ProgressTableFields(Fields, frozen=True):
     period: Period
     lines: Annotated[tuple[ProgressTableLine, ...], msgspec.Meta(min_length=1, max_length=100)]
 
 
-class ExtensionRequestFields(Fields):
+class ExtensionRequestFields(Fields, frozen=True):
     milestone_id: MilestoneId
     proposed_deadline: dt.date
     reason: Reason
@@ -88,7 +88,7 @@ class ReviewOutcome(enum.StrEnum):
     RETURNED = "returned"  # returned with comments (退回修改)
 
 
-class ReviewDecisionFields(Fields):
+class ReviewDecisionFields(Fields, frozen=True):
     review_kind: ReviewKind
     outcome: ReviewOutcome
     decided_on: dt.date
@@ -103,7 +103,7 @@ class ExtensionOutcome(enum.StrEnum):
     REFUSED = "refused"
 
 
-class ExtensionDecisionFields(Fields):
+class ExtensionDecisionFields(Fields, frozen=True):
     milestone_id: MilestoneId
     outcome: ExtensionOutcome
     request_submission_id: SubmissionId | None = None
@@ -111,6 +111,6 @@ class ExtensionDecisionFields(Fields):
     reason: Note = ""
 
 
-class RetractionFields(Fields):
+class RetractionFields(Fields, frozen=True):
     retracted_submission_id: SubmissionId
     reason: Reason

@@ -51,7 +51,7 @@ class Spec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True
     """Base of every struct read from a data file: unknown keys are errors (typos get caught)."""
 
 
-class ProgrammeInfo(Spec):
+class ProgrammeInfo(Spec, frozen=True):
     id: ProgrammeId
     title: NonEmpty
     document_number: NonEmpty
@@ -60,17 +60,17 @@ class ProgrammeInfo(Spec):
     aim: str = ""
 
 
-class Phase(Spec):
+class Phase(Spec, frozen=True):
     id: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,2}$")]
     name: NonEmpty
 
 
-class Step(Spec):
+class Step(Spec, frozen=True):
     id: StepId
     name: NonEmpty
 
 
-class Milestone(Spec):
+class Milestone(Spec, frozen=True):
     id: MilestoneId
     phase: str
     title: NonEmpty
@@ -86,14 +86,14 @@ class Milestone(Spec):
         return next((s for s in self.steps if s.id == step_id), None)
 
 
-class Review(Spec):
+class Review(Spec, frozen=True):
     kind: ReviewKind
     name: NonEmpty
     decided_by: Decider
     milestone: MilestoneId | None = None
 
 
-class Trigger(Spec):
+class Trigger(Spec, frozen=True):
     """What a county reports that a rule looks at. Exactly one key is set."""
 
     review_requested: ReviewKind | None = None
@@ -102,7 +102,7 @@ class Trigger(Spec):
     trial_operation_started: bool | None = None
 
 
-class Requirement(Spec):
+class Requirement(Spec, frozen=True):
     """What must already be on record when the trigger happens. Exactly one key is set."""
 
     review_passed: ReviewKind | None = None
@@ -110,7 +110,7 @@ class Requirement(Spec):
     trial_operation_months: Annotated[int, msgspec.Meta(ge=1, le=60)] | None = None
 
 
-class ProcedureRule(Spec):
+class ProcedureRule(Spec, frozen=True):
     """One ordering rule of the procedure. Breaking it is recorded as a finding, not refused."""
 
     id: RuleId
@@ -121,7 +121,7 @@ class ProcedureRule(Spec):
     source: str = ""  # where the notice says so
 
 
-class ProgressTableRhythm(Spec):
+class ProgressTableRhythm(Spec, frozen=True):
     first_period: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-[0-9]{2}$")]
     last_period: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-[0-9]{2}$")]
     rhythm: Literal["monthly"] = "monthly"
@@ -129,19 +129,19 @@ class ProgressTableRhythm(Spec):
     is_default: bool = True  # the notice defers the rhythm to another document
 
 
-class Person(Spec):
+class Person(Spec, frozen=True):
     id: PersonId
     name: NonEmpty
 
 
-class County(Spec):
+class County(Spec, frozen=True):
     code: CountyCode
     name: NonEmpty
     responsible_unit: NonEmpty
     responsible_person: Person
 
 
-class Programme(Spec):
+class Programme(Spec, frozen=True):
     format: str
     programme: ProgrammeInfo
     phases: tuple[Phase, ...]

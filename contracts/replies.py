@@ -9,27 +9,27 @@ from contracts.identifiers import Instant
 from contracts.payloads import Fields
 
 
-class StoredEvent(Fields):
+class StoredEvent(Fields, frozen=True):
     event_id: str
     event_type: str
     stream_sequence: int
 
 
-class FindingNotice(Fields):
+class FindingNotice(Fields, frozen=True):
     rule_id: str
     finding_zh: str
     finding_en: str
     milestone_id: str | None = None
 
 
-class Accepted(Fields, tag_field="status", tag="accepted"):
+class Accepted(Fields, tag_field="status", tag="accepted", frozen=True):
     submission_id: str
     events: tuple[StoredEvent, ...]
     findings: tuple[FindingNotice, ...] = ()
     duplicate: bool = False  # this id was already stored; nothing new was written
 
 
-class Refused(Fields, tag_field="status", tag="refused"):
+class Refused(Fields, tag_field="status", tag="refused", frozen=True):
     code: ErrorCode
     message_zh: str
     message_en: str
@@ -41,7 +41,7 @@ class Refused(Fields, tag_field="status", tag="refused"):
 
 Reply = Accepted | Refused
 
-_reply_decoder = msgspec.json.Decoder(Reply)  # type: ignore[arg-type]
+_reply_decoder: msgspec.json.Decoder[Accepted | Refused] = msgspec.json.Decoder(Reply)
 
 
 def refused(
@@ -60,10 +60,10 @@ def refused(
 
 
 def decode_reply(data: bytes) -> Accepted | Refused:
-    return _reply_decoder.decode(data)  # type: ignore[no-any-return]
+    return _reply_decoder.decode(data)
 
 
-class RefusalRecord(Fields):
+class RefusalRecord(Fields, frozen=True):
     """A refused submission as kept in the refusals stream: what came, on which subject, why.
 
     The body is kept as received (UTF-8 text, or base64 when it is not text) up to

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from contracts.commands import Submission
+from contracts.directory import Directory
 from contracts.events import EventEnvelope
 from contracts.programme import Programme
 from contracts.replies import RefusalRecord, Reply
@@ -23,6 +24,7 @@ MESSAGES: dict[str, Any] = {
     "event-envelope": EventEnvelope,
     "refusal-record": RefusalRecord,
     "programme-file": Programme,
+    "directory-file": Directory,
 }
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"

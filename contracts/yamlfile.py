@@ -39,27 +39,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml_struct(
-    path: Path, type_: type[T], error: type[DataFileError]
-) -> tuple[T, Callable[[str], int | None]]:
+def load_yaml_struct(path: Path, type_: type[T], error: type[DataFileError]) -> tuple[T, Callable[[str], int | None]]:
     """Decode ``path`` into ``type_``; returns the value and a key-path → line locator."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(path, None, None, "file not found") from None
     except UnicodeDecodeError as exc:
-        raise error(
-            path, None, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
+        raise error(path, None, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         root = yaml.compose(text, Loader=_UniqueKeyLoader)
         data = yaml.load(text, Loader=_UniqueKeyLoader)

@@ -13,7 +13,7 @@ from faststream.message import StreamMessage
 from faststream.nats import NatsBroker, NatsMessage
 
 from contracts.commands import encode
-from contracts.subjects import SUBMIT_PREFIX, SUBMISSIONS_QUEUE
+from contracts.subjects import SUBMISSIONS_QUEUE, SUBMIT_PREFIX
 from services.submissions.service import SubmissionsService
 
 SUBMIT_PATTERN = SUBMIT_PREFIX + ".{role}.{county}"
@@ -36,6 +36,12 @@ def register(broker: NatsBroker, service: SubmissionsService, max_workers: int =
     async def on_submission(body: bytes, message: NatsMessage) -> bytes:
         reply = await service.handle(message.raw_message.subject, body)
         return encode(reply)
+
+
+async def start(broker: NatsBroker) -> None:
+    """Start serving; returns once the server has registered the subscriptions."""
+    await broker.start()
+    await broker.connection.flush()
 
 
 def build_app(broker: NatsBroker, service: SubmissionsService) -> FastStream:

@@ -15,6 +15,7 @@ import copy
 import datetime as dt
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from contracts.commands import (
@@ -45,11 +46,13 @@ from contracts.events import (
     SubmissionRetracted,
     TrialOperationStarted,
 )
-from contracts.payloads import Document, ExtensionOutcome, ReviewOutcome
+from contracts.payloads import Document, ExtensionOutcome, Fields, ReviewOutcome
 from contracts.programme import Decider, Programme
 from contracts.replies import Refused, refused
 from services.submissions.procedure import Trigger, breaches
 from services.submissions.record import CountyRecord, Facts, StoredSubmission, fold_fact
+
+E = TypeVar("E", bound=Fields)
 
 # How far ahead of our clock a sender's clock may run before its time counts as "future".
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -93,9 +96,7 @@ def event_id(submission_id: str, index: int) -> str:
     return f"{submission_id}/{index}"
 
 
-def authorise(
-    sender: Sender, submission: Submission, programmes: dict[str, Programme]
-) -> Programme | Refused:
+def authorise(sender: Sender, submission: Submission, programmes: dict[str, Programme]) -> Programme | Refused:
     """Checks that need no history: the subject, the sender's role, the programme and county."""
     sid = submission.submission_id
     if submission.county_code != sender.county_code:
@@ -148,9 +149,7 @@ def decide(
         payloads = list(context.facts_of_command())
     except _Refusal as refusal:
         return refusal.refusal
-    return Accept(
-        tuple(_with_findings(programme, record.facts, sid, payloads, context.on)), occurred_at
-    )
+    return Accept(tuple(_with_findings(programme, record.facts, sid, payloads, context.on)), occurred_at)
 
 
 def _occurred_at(submission: Submission, now: dt.datetime) -> dt.datetime:
@@ -188,9 +187,7 @@ def _with_findings(
         yield NewEvent(own_id, payload)
         for trigger in _triggers(programme, facts, payload):
             for breach in breaches(programme, facts, trigger, on):
-                milestone = (
-                    trigger.value.split("/")[0] if trigger.kind != "review_requested" else None
-                )
+                milestone = trigger.value.split("/")[0] if trigger.kind != "review_requested" else None
                 yield NewEvent(
                     event_id(submission_id, index),
                     ProcedureFindingRecorded(
@@ -215,9 +212,9 @@ def _triggers(programme: Programme, facts: Facts, payload: EventPayload) -> Iter
     match payload:
         case ProgressReported():
             done = facts.steps_done.get(payload.milestone_id, set())
-            for step in payload.steps_done:
-                if step not in done:
-                    yield Trigger("step_done", f"{payload.milestone_id}/{step}")
+            for step_id in payload.steps_done:
+                if step_id not in done:
+                    yield Trigger("step_done", f"{payload.milestone_id}/{step_id}")
         case MilestoneCompleted():
             if payload.milestone_id not in facts.completed:
                 yield Trigger("milestone_completed", payload.milestone_id)
@@ -256,16 +253,12 @@ class _Context:
         self.on = occurred_at.astimezone(zone).date()  # the local day it happened
 
     def refuse(self, code: ErrorCode, field: str, detail: str = "") -> _Refusal:
-        return _Refusal(
-            refused(code, submission_id=self.submission.submission_id, field=field, detail=detail)
-        )
+        return _Refusal(refused(code, submission_id=self.submission.submission_id, field=field, detail=detail))
 
     def milestone(self, milestone_id: str, field: str = "$.command.milestone_id") -> None:
         if self.programme.milestone(milestone_id) is None:
             known = ", ".join(m.id for m in self.programme.milestones)
-            raise self.refuse(
-                ErrorCode.UNKNOWN_MILESTONE, field, f"{milestone_id!r}; known: {known}"
-            )
+            raise self.refuse(ErrorCode.UNKNOWN_MILESTONE, field, f"{milestone_id!r}; known: {known}")
 
     def not_future(self, day: dt.date, field: str) -> None:
         if day > self.today:
@@ -279,9 +272,7 @@ class _Context:
         review = self.programme.review(kind)
         if review is None:
             known = ", ".join(r.kind for r in self.programme.reviews)
-            raise self.refuse(
-                ErrorCode.UNKNOWN_REVIEW_KIND, "$.command.review_kind", f"{kind!r}; known: {known}"
-            )
+            raise self.refuse(ErrorCode.UNKNOWN_REVIEW_KIND, "$.command.review_kind", f"{kind!r}; known: {known}")
         return review.decided_by
 
     def prior_submission(self, submission_id: str, field: str) -> StoredSubmission:
@@ -300,20 +291,18 @@ class _Context:
                 for i, step in enumerate(command.steps_done):
                     if milestone.step(step) is None:
                         known = ", ".join(s.id for s in milestone.steps) or "none"
-                        raise self.refuse(
-                            ErrorCode.UNKNOWN_STEP, f"$.command.steps_done[{i}]", f"known: {known}"
-                        )
-                yield ProgressReported(**_fields(command))
+                        raise self.refuse(ErrorCode.UNKNOWN_STEP, f"$.command.steps_done[{i}]", f"known: {known}")
+                yield recorded_as(ProgressReported, command)
             case CompleteMilestone():
                 self.milestone(command.milestone_id)
                 self.not_future(command.completed_on, "$.command.completed_on")
-                yield MilestoneCompleted(**_fields(command), via="county")
+                yield recorded_as(MilestoneCompleted, command)  # via="county" by default
             case RequestReview():
                 self.review_kind(command.review_kind)
-                yield ReviewRequested(**_fields(command))
+                yield recorded_as(ReviewRequested, command)
             case StartTrialOperation():
                 self.not_future(command.started_on, "$.command.started_on")
-                yield TrialOperationStarted(**_fields(command))
+                yield recorded_as(TrialOperationStarted, command)
                 for milestone in self.programme.milestones_completed_by("trial_operation_started"):
                     yield MilestoneCompleted(
                         milestone_id=milestone.id,
@@ -326,7 +315,7 @@ class _Context:
                 self.not_future(first_day, "$.command.period")
                 for i, line in enumerate(command.lines):
                     self.milestone(line.milestone_id, f"$.command.lines[{i}].milestone_id")
-                yield ProgressTableFiled(**_fields(command))
+                yield recorded_as(ProgressTableFiled, command)
             case RequestExtension():
                 self.milestone(command.milestone_id)
                 milestone = self.programme.milestone(command.milestone_id)
@@ -337,24 +326,20 @@ class _Context:
                         "$.command.proposed_deadline",
                         f"must be after the ledger deadline {milestone.deadline.isoformat()}",
                     )
-                yield ExtensionRequested(**_fields(command))
+                yield recorded_as(ExtensionRequested, command)
             case DecideReview():
                 yield from self._review_decision(command)
             case DecideExtension():
                 yield from self._extension_decision(command)
             case RetractSubmission():
-                target = self.prior_submission(
-                    command.retracted_submission_id, "$.command.retracted_submission_id"
-                )
-                if target.retracted or any(
-                    e.event_type == "submission_retracted" for e in target.events
-                ):
+                target = self.prior_submission(command.retracted_submission_id, "$.command.retracted_submission_id")
+                if target.retracted or any(e.event_type == "submission_retracted" for e in target.events):
                     raise self.refuse(
                         ErrorCode.INVALID_VALUE,
                         "$.command.retracted_submission_id",
                         "already retracted, or itself a retraction",
                     )
-                yield SubmissionRetracted(**_fields(command))
+                yield recorded_as(SubmissionRetracted, command)
 
     def _review_decision(self, command: DecideReview) -> Iterator[EventPayload]:
         decider = self.review_kind(command.review_kind)
@@ -380,7 +365,7 @@ class _Context:
                     "$.command.request_submission_id",
                     f"not a {command.review_kind} request on record",
                 )
-        yield ReviewDecided(**_fields(command))
+        yield recorded_as(ReviewDecided, command)
         if command.outcome is ReviewOutcome.PASSED:
             review = self.programme.review(command.review_kind)
             assert review is not None
@@ -388,19 +373,13 @@ class _Context:
                 yield MilestoneCompleted(
                     milestone_id=milestone.id,
                     completed_on=command.decided_on,
-                    evidence=(
-                        Document(
-                            title=f"{review.name}通过", number=command.approval_document_number
-                        ),
-                    ),
+                    evidence=(Document(title=f"{review.name}通过", number=command.approval_document_number),),
                     via=f"review:{review.kind}",
                 )
 
     def _extension_decision(self, command: DecideExtension) -> Iterator[EventPayload]:
         if self.sender.role is not Role.CITY:
-            raise self.refuse(
-                ErrorCode.NOT_AUTHORISED, "$.command.kind", "extensions are decided by the city"
-            )
+            raise self.refuse(ErrorCode.NOT_AUTHORISED, "$.command.kind", "extensions are decided by the city")
         self.milestone(command.milestone_id)
         if command.request_submission_id is not None:
             self.prior_submission(command.request_submission_id, "$.command.request_submission_id")
@@ -415,9 +394,7 @@ class _Context:
             milestone = self.programme.milestone(command.milestone_id)
             assert milestone is not None
             if command.new_deadline is None:
-                raise self.refuse(
-                    ErrorCode.MALFORMED, "$.command.new_deadline", "a grant needs the new deadline"
-                )
+                raise self.refuse(ErrorCode.MALFORMED, "$.command.new_deadline", "a grant needs the new deadline")
             if command.new_deadline <= milestone.deadline:
                 raise self.refuse(
                     ErrorCode.INVALID_VALUE,
@@ -426,9 +403,10 @@ class _Context:
                 )
         elif not command.reason:
             raise self.refuse(ErrorCode.MALFORMED, "$.command.reason", "a refusal needs a reason")
-        yield ExtensionDecided(**_fields(command))
+        yield recorded_as(ExtensionDecided, command)
 
 
-def _fields(command: object) -> dict[str, object]:
-    """A command's fields, to build the event that records it (same field set, other tag)."""
-    return {name: getattr(command, name) for name in command.__struct_fields__}  # type: ignore[attr-defined]
+def recorded_as(event_type: type[E], command: Fields) -> E:
+    """The event recording a command: the same field set under the event's tag."""
+    fields: dict[str, Any] = {name: getattr(command, name) for name in command.__struct_fields__}
+    return event_type(**fields)

@@ -16,9 +16,7 @@ from typing import Literal
 from contracts.programme import Decider, ProcedureRule, Programme
 from services.submissions.record import Facts
 
-TriggerKind = Literal[
-    "review_requested", "step_done", "milestone_completed", "trial_operation_started"
-]
+TriggerKind = Literal["review_requested", "step_done", "milestone_completed", "trial_operation_started"]
 
 
 @dataclass(frozen=True)
@@ -92,9 +90,7 @@ def review_passed(programme: Programme, facts: Facts, kind: str) -> bool:
     if kind in facts.reviews_passed:
         return True
     review = programme.review(kind)
-    return (
-        review is not None and review.decided_by is Decider.NONE and kind in facts.reviews_requested
-    )
+    return review is not None and review.decided_by is Decider.NONE and kind in facts.reviews_requested
 
 
 def add_months(day: dt.date, months: int) -> dt.date:

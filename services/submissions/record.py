@@ -73,9 +73,7 @@ class CountyRecord:
         payload = envelope.payload
         if isinstance(payload, ProcedureFindingRecorded):
             stored.findings.append(
-                FindingNotice(
-                    payload.rule_id, payload.finding_zh, payload.finding_en, payload.milestone_id
-                )
+                FindingNotice(payload.rule_id, payload.finding_zh, payload.finding_en, payload.milestone_id)
             )
         if isinstance(payload, SubmissionRetracted):
             target = self.submissions.get(payload.retracted_submission_id)

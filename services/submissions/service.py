@@ -34,7 +34,11 @@ MAX_ATTEMPTS = 8
 
 class SubmissionsService:
     def __init__(
-        self, store: EventStore, programmes: dict[str, Programme], clock: Clock, max_attempts: int = MAX_ATTEMPTS
+        self,
+        store: EventStore,
+        programmes: dict[str, Programme],
+        clock: Clock,
+        max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
         self._store = store
         self._programmes = programmes
@@ -58,16 +62,12 @@ class SubmissionsService:
                 submission_id=outcome.submission_id,
             )
             if outcome.code is not ErrorCode.UNAVAILABLE:
-                await self._store.record_refusal(
-                    subject, role_token, county_token, body, outcome, self._clock.now()
-                )
+                await self._store.record_refusal(subject, role_token, county_token, body, outcome, self._clock.now())
         return outcome
 
     async def _handle(self, role_token: str, county_token: str, body: bytes) -> Accepted | Refused:
         if len(body) > MAX_SUBMISSION_BYTES:
-            return refused(
-                ErrorCode.OVERSIZED, detail=f"{len(body)} bytes; the limit is {MAX_SUBMISSION_BYTES}"
-            )
+            return refused(ErrorCode.OVERSIZED, detail=f"{len(body)} bytes; the limit is {MAX_SUBMISSION_BYTES}")
         try:
             submission = decode_submission(body)
         except msgspec.ValidationError as exc:
@@ -165,4 +165,3 @@ def _envelopes(
             )
         )
     return envelopes
-

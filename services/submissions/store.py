@@ -127,7 +127,9 @@ class EventStore:
             if "error" in answer:
                 error = answer["error"]
                 raise BadRequestError(
-                    code=error.get("code"), err_code=error.get("err_code"), description=error.get("description")
+                    code=error.get("code"),
+                    err_code=error.get("err_code"),
+                    description=error.get("description"),
                 )
             final = int(answer["seq"])
             if int(answer.get("count", 0)) != last:
@@ -136,7 +138,13 @@ class EventStore:
         raise AssertionError("unreachable: a batch has at least one event")
 
     async def record_refusal(
-        self, subject: str, role_token: str, county_token: str, body: bytes, refusal: Refused, now: dt.datetime
+        self,
+        subject: str,
+        role_token: str,
+        county_token: str,
+        body: bytes,
+        refusal: Refused,
+        now: dt.datetime,
     ) -> None:
         """Keep a refused submission where operators can list it. Never raises."""
         digest = hashlib.sha256(body).hexdigest()

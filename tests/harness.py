@@ -1,0 +1,121 @@
+"""A submissions service on a real nats-server, and ways for tests to look inside it."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import itertools
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats
+import pytest_asyncio
+from faststream.nats import NatsBroker
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from contracts.commands import Role
+from contracts.events import EventEnvelope, decode_event
+from contracts.programme import Programme, load_default_programme
+from contracts.replies import Accepted, RefusalRecord, Refused, decode_reply
+from contracts.subjects import EVENTS_STREAM, REFUSALS_STREAM, submit_subject
+from services.common.clock import SimulatedClock
+from services.common.jetstream import ensure_streams
+from services.submissions.app import register, start
+from services.submissions.service import SubmissionsService
+from services.submissions.store import EventStore
+
+PROGRAMME = load_default_programme()
+# Mid-programme: 1.1 and 1.2 are due, the rest is ahead.
+NOW = dt.datetime(2017, 6, 15, 10, 0, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+_ids = itertools.count(1)
+
+
+def new_id(prefix: str = "s") -> str:
+    return f"{prefix}-{next(_ids)}"
+
+
+@dataclass
+class Harness:
+    """A submissions service on fresh streams, a client connection, and ways to look inside."""
+
+    nc: NatsClient
+    js: JetStreamContext
+    clock: SimulatedClock
+    programme: Programme
+
+    async def send_raw(self, role: Role | str, county: str, body: bytes, timeout: float = 5.0) -> Accepted | Refused:
+        msg = await self.nc.request(submit_subject(role, county), body, timeout=timeout)
+        return decode_reply(msg.data)
+
+    async def send(
+        self, command: dict[str, Any], *, county: str = "410928", role: Role = Role.COUNTY, **envelope: Any
+    ) -> Accepted | Refused:
+        body = {
+            "submission_id": envelope.pop("submission_id", None) or new_id(),
+            "programme_id": envelope.pop("programme_id", self.programme.id),
+            "county_code": envelope.pop("county_code", county),
+            "command": command,
+            **envelope,
+        }
+        return await self.send_raw(role, county, json.dumps(body, ensure_ascii=False).encode())
+
+    async def events(self, county: str | None = None) -> list[tuple[int, EventEnvelope]]:
+        subject = f"duban.events.{self.programme.id}.{county}" if county else "duban.events.>"
+        return [(seq, decode_event(data)) for seq, data in await self._read(EVENTS_STREAM, subject)]
+
+    async def refusals(self) -> list[RefusalRecord]:
+        return [
+            msgspec.json.decode(d, type=RefusalRecord) for _, d in await self._read(REFUSALS_STREAM, "duban.refusals.>")
+        ]
+
+    async def _read(self, stream: str, subject: str) -> list[tuple[int, bytes]]:
+        info = await self.js.stream_info(stream)
+        if info.state.messages == 0:
+            return []
+        sub = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        out: list[tuple[int, bytes]] = []
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except TimeoutError:
+                    break
+                out.append((msg.metadata.sequence.stream, msg.data))
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
+        return out
+
+
+async def start_service(url: str, clock: SimulatedClock) -> tuple[NatsBroker, NatsClient]:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    service = SubmissionsService(EventStore(nc, js), {PROGRAMME.id: PROGRAMME}, clock)
+    broker = NatsBroker(url)
+    register(broker, service)
+    await start(broker)
+    return broker, nc
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def harness(nats_url: str) -> AsyncIterator[Harness]:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    for stream in (EVENTS_STREAM, REFUSALS_STREAM):  # every test starts from empty streams
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(stream)
+    await ensure_streams(js)
+    clock = SimulatedClock(NOW)
+    broker, service_nc = await start_service(nats_url, clock)
+    try:
+        yield Harness(nc, js, clock, PROGRAMME)
+    finally:
+        await broker.stop()
+        await service_nc.close()
+        await nc.close()

@@ -1,0 +1,5 @@
+"""Integration fixtures: see tests/harness.py."""
+
+from tests.harness import harness
+
+__all__ = ["harness"]
