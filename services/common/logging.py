@@ -34,9 +34,7 @@ def _redact(value: Any, key: str = "") -> Any:
     return value
 
 
-def redact_processor(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
+def redact_processor(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event_dict):
         event_dict[key] = _redact(event_dict[key], key)
     return event_dict
@@ -59,9 +57,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
             redact_processor,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
