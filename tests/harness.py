@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import itertools
@@ -110,7 +111,14 @@ async def harness(nats_url: str) -> AsyncIterator[Harness]:
     for stream in (EVENTS_STREAM, REFUSALS_STREAM):  # every test starts from empty streams
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(stream)
-    await ensure_streams(js)
+    for attempt in range(50):  # the server removes a deleted stream's files asynchronously
+        try:
+            await ensure_streams(js)
+            break
+        except nats.js.errors.ServerError:
+            if attempt == 49:
+                raise
+            await asyncio.sleep(0.05)
     clock = SimulatedClock(NOW)
     broker, service_nc = await start_service(nats_url, clock)
     try:

@@ -26,6 +26,10 @@ class Settings:
     # NATS user this process connects as (services: svc-<name>; CLI: per command).
     nats_user: str | None = None
     embedded_nats_port: int = 4333
+    # Traffic light: yellow this many working days before a deadline; a deadline on a rest day
+    # rolls to the next working day (stated in every table and export).
+    due_soon_workdays: int = 5
+    roll_rest_day_deadlines: bool = True
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -41,6 +45,8 @@ class Settings:
             stream_replicas=int(env.get("DUBAN_STREAM_REPLICAS", "1")),
             nats_user=env.get("DUBAN_NATS_USER") or None,
             embedded_nats_port=int(env.get("DUBAN_EMBEDDED_NATS_PORT", "4333")),
+            due_soon_workdays=int(env.get("DUBAN_DUE_SOON_WORKDAYS", "5")),
+            roll_rest_day_deadlines=env.get("DUBAN_ROLL_REST_DAY_DEADLINES", "true").lower() in ("1", "true", "yes"),
         )
 
     @property

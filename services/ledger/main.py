@@ -1,0 +1,80 @@
+"""Run the ledger: migrate the schema, follow the event stream, answer queries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from importlib.metadata import version
+
+import msgspec
+import structlog
+from nats.micro.request import Request
+
+from contracts.ledger import PROJECTION_STATUS_SUBJECT, REBUILD_SUBJECT, ProjectionStatus, RebuildReport
+from contracts.subjects import EVENTS_STREAM
+from contracts.workdays import WorkdayCalendar
+from services.common.clock import Clock
+from services.common.jetstream import ensure_streams
+from services.common.postgres import create_pool
+from services.common.runtime import Runtime
+from services.ledger.consumer import read_stream, run_live
+from services.ledger.projection import LedgerProjection, migrate
+from services.ledger.queries import LedgerReader
+from services.ledger.service import LedgerQueries, start_service
+from services.ledger.status import LightSettings
+
+SERVICE_USER = "svc-ledger"
+log = structlog.get_logger(__name__)
+
+
+async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    if runtime.database_url is None:
+        raise RuntimeError("the ledger needs PostgreSQL: set DATABASE_URL or let duban start its own")
+    pool = await create_pool(runtime.database_url)
+    nc = await runtime.connect_as(SERVICE_USER)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        js = nc.jetstream()
+        await ensure_streams(js, runtime.settings.stream_replicas)
+        projection = LedgerProjection(pool, runtime.programmes)
+        reader = LedgerReader(pool)
+        settings = LightSettings(
+            due_soon_workdays=runtime.settings.due_soon_workdays,
+            roll_rest_day_deadlines=runtime.settings.roll_rest_day_deadlines,
+        )
+        queries = LedgerQueries(reader, runtime.programmes, clock, WorkdayCalendar.official(), settings)
+        pause = asyncio.Lock()
+
+        async def rebuild(request: Request) -> None:
+            async with pause:
+                result = await projection.rebuild(read_stream(js))
+            rate = result.events / result.seconds if result.seconds else 0.0
+            log.info("ledger rebuilt", events=result.events, seconds=round(result.seconds, 2))
+            report = RebuildReport(
+                events=result.events, last_sequence=result.last_sequence, seconds=result.seconds, events_per_second=rate
+            )
+            await request.respond(msgspec.json.encode(report))
+
+        async def status(request: Request) -> None:
+            info = await js.stream_info(EVENTS_STREAM)
+            checkpoint = await projection.checkpoint()
+            last = int(info.state.last_seq)
+            answer = ProjectionStatus(checkpoint=checkpoint, stream_last_sequence=last, lag=max(0, last - checkpoint))
+            await request.respond(msgspec.json.encode(answer))
+
+        service = await start_service(
+            nc, queries, {REBUILD_SUBJECT: rebuild, PROJECTION_STATUS_SUBJECT: status}, version("duban")
+        )
+        consumer = asyncio.create_task(run_live(js, projection, stop, pause))
+        log.info("ledger service serving")
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        await consumer
+        await service.stop()
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await pool.close()
+        log.info("ledger service stopped")

@@ -1,0 +1,351 @@
+"""The ledger's read model in PostgreSQL: schema migrations, and applying events to it.
+
+Each batch of events is applied in ONE transaction together with the checkpoint (the last
+applied stream sequence). Events at or below the checkpoint are skipped, so a redelivery
+changes nothing; the consumer acknowledges only after the commit. The checkpoint, not the
+broker's consumer state, is the projection's position.
+
+Tables (schema ``ledger``):
+- ``event_log``: every event, for a county's history and for the state as of any moment;
+- ``county_state``: each county's folded ledger (JSON), the projection's working state;
+- ``milestones``: one row per county and milestone, for operators' own SQL and dashboards;
+- ``checkpoint``; ``parked``: events that could not be applied, for an operator to look at.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import AsyncIterable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import msgspec
+import structlog
+
+from contracts.events import EventEnvelope, decode_event
+from contracts.programme import Programme
+from services.common.postgres import Connection
+from services.ledger.state import CountyLedger, apply, fold, new_ledger
+
+log = structlog.get_logger(__name__)
+
+PROJECTION = "ledger"
+MIGRATION_LOCK = 0x6475_6261_6E01  # pg advisory lock id: "duban" + 1
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE ledger.event_log (
+            stream_sequence bigint PRIMARY KEY,
+            programme_id text NOT NULL,
+            county_code text NOT NULL,
+            event_id text NOT NULL,
+            event_type text NOT NULL,
+            submission_id text NOT NULL,
+            occurred_at timestamptz NOT NULL,
+            recorded_at timestamptz NOT NULL,
+            envelope jsonb NOT NULL
+        );
+        CREATE INDEX event_log_aggregate ON ledger.event_log (programme_id, county_code, stream_sequence);
+        CREATE INDEX event_log_recorded ON ledger.event_log (programme_id, recorded_at);
+        CREATE TABLE ledger.county_state (
+            programme_id text NOT NULL,
+            county_code text NOT NULL,
+            last_sequence bigint NOT NULL,
+            state jsonb NOT NULL,
+            PRIMARY KEY (programme_id, county_code)
+        );
+        CREATE TABLE ledger.milestones (
+            programme_id text NOT NULL,
+            county_code text NOT NULL,
+            milestone_id text NOT NULL,
+            percent integer NOT NULL,
+            note text NOT NULL,
+            reported_at timestamptz,
+            completed_on date,
+            completed_via text,
+            extended_deadline date,
+            PRIMARY KEY (programme_id, county_code, milestone_id)
+        );
+        CREATE TABLE ledger.checkpoint (
+            projection text PRIMARY KEY,
+            last_sequence bigint NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE ledger.parked (
+            stream_sequence bigint PRIMARY KEY,
+            reason text NOT NULL,
+            data bytea NOT NULL,
+            parked_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+]
+
+READ_MODEL_TABLES = ("event_log", "county_state", "milestones", "checkpoint", "parked")
+
+
+async def migrate(conn: Connection) -> list[int]:
+    """Apply the migrations this database has not seen; safe to run from several processes."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE SCHEMA IF NOT EXISTS ledger;"
+            "CREATE TABLE IF NOT EXISTS ledger.schema_migrations"
+            " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM ledger.schema_migrations")}
+        applied = []
+        for version, sql in MIGRATIONS:
+            if version not in done:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO ledger.schema_migrations (version) VALUES ($1)", version)
+                applied.append(version)
+    if applied:
+        log.info("ledger schema migrated", versions=applied)
+    return applied
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message read from the event stream: its sequence and its bytes."""
+
+    sequence: int
+    data: bytes
+
+
+_state_encoder = msgspec.json.Encoder()
+_state_decoder = msgspec.json.Decoder(CountyLedger)
+
+
+class LedgerProjection:
+    def __init__(self, pool: asyncpg.Pool, programmes: dict[str, Programme]) -> None:
+        self._pool = pool
+        self._programmes = programmes
+
+    async def checkpoint(self) -> int:
+        async with self._pool.acquire() as conn:
+            value = await conn.fetchval("SELECT last_sequence FROM ledger.checkpoint WHERE projection = $1", PROJECTION)
+        return int(value or 0)
+
+    async def apply_batch(self, batch: Sequence[StoredMessage]) -> int:
+        """Apply the events above the checkpoint in one transaction; returns the new checkpoint."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT last_sequence FROM ledger.checkpoint WHERE projection = $1 FOR UPDATE", PROJECTION
+            )
+            checkpoint = int(row["last_sequence"]) if row else 0
+            fresh = sorted((m for m in batch if m.sequence > checkpoint), key=lambda m: m.sequence)
+            if not fresh:
+                return checkpoint
+            if fresh[0].sequence != checkpoint + 1:
+                # The stream has no holes (no deletes): a gap means an earlier event is missing here.
+                raise GapError(checkpoint, fresh[0].sequence)
+            events = await self._decode_or_park(conn, fresh)
+            await self._insert_log(conn, events)
+            await self._update_states(conn, events)
+            last = fresh[-1].sequence
+            await conn.execute(
+                "INSERT INTO ledger.checkpoint (projection, last_sequence, updated_at) VALUES ($1, $2, now())"
+                " ON CONFLICT (projection) DO UPDATE SET last_sequence = $2, updated_at = now()",
+                PROJECTION,
+                last,
+            )
+            return last
+
+    async def _decode_or_park(
+        self, conn: Connection, messages: Sequence[StoredMessage]
+    ) -> list[tuple[int, EventEnvelope]]:
+        events = []
+        for message in messages:
+            try:
+                events.append((message.sequence, decode_event(message.data)))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error("event parked: cannot decode", stream_sequence=message.sequence, error=str(exc))
+                await conn.execute(
+                    "INSERT INTO ledger.parked (stream_sequence, reason, data) VALUES ($1, $2, $3)"
+                    " ON CONFLICT DO NOTHING",
+                    message.sequence,
+                    str(exc),
+                    message.data,
+                )
+        return events
+
+    async def _insert_log(self, conn: Connection, events: Sequence[tuple[int, EventEnvelope]]) -> None:
+        await conn.copy_records_to_table(
+            "event_log",
+            schema_name="ledger",
+            columns=list(_LOG_COLUMNS),
+            records=[_log_record(seq, e) for seq, e in events],
+        )
+
+    async def _update_states(self, conn: Connection, events: Sequence[tuple[int, EventEnvelope]]) -> None:
+        by_aggregate: dict[tuple[str, str], list[tuple[int, EventEnvelope]]] = defaultdict(list)
+        for seq, envelope in events:
+            if envelope.programme_id in self._programmes:
+                by_aggregate[(envelope.programme_id, envelope.county_code)].append((seq, envelope))
+            else:
+                log.warning("event for an unconfigured programme", programme_id=envelope.programme_id)
+        if not by_aggregate:
+            return
+        rows = await conn.fetch(
+            "SELECT programme_id, county_code, state FROM ledger.county_state"
+            " WHERE (programme_id, county_code) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            [k[0] for k in by_aggregate],
+            [k[1] for k in by_aggregate],
+        )
+        states = {(r["programme_id"], r["county_code"]): _state_decoder.decode(r["state"]) for r in rows}
+        updated = []
+        for (programme_id, county_code), aggregate_events in by_aggregate.items():
+            programme = self._programmes[programme_id]
+            ledger = states.get((programme_id, county_code)) or new_ledger(programme, county_code)
+            for seq, envelope in aggregate_events:
+                if not apply(programme, ledger, seq, envelope):
+                    # A retraction: fold the county again from its log (this batch is in it).
+                    ledger = fold(programme, county_code, await aggregate_log(conn, programme_id, county_code))
+                    break
+            updated.append(ledger)
+        await write_states(conn, updated)
+
+    async def rebuild(self, batches: AsyncIterable[Sequence[StoredMessage]]) -> RebuildResult:
+        """Drop the read model and build it again from the stream, in large batches.
+
+        ``batches`` yields batches in stream order from the first event. The log goes in by
+        COPY; states are folded in memory and written once at the end; a county with a
+        retraction is folded again from its log at the end.
+        """
+        started = dt.datetime.now(dt.UTC)
+        states: dict[tuple[str, str], CountyLedger] = {}
+        refold: set[tuple[str, str]] = set()
+        count, last = 0, 0
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("TRUNCATE " + ", ".join(f"ledger.{t}" for t in READ_MODEL_TABLES if t != "checkpoint"))
+            await conn.execute("DELETE FROM ledger.checkpoint WHERE projection = $1", PROJECTION)
+            async for batch in batches:
+                events = await self._decode_or_park(conn, batch)
+                await self._insert_log(conn, events)
+                for seq, envelope in events:
+                    programme = self._programmes.get(envelope.programme_id)
+                    if programme is None:
+                        continue
+                    key = (envelope.programme_id, envelope.county_code)
+                    ledger = states.get(key)
+                    if ledger is None:
+                        ledger = states[key] = new_ledger(programme, envelope.county_code)
+                    if not apply(programme, ledger, seq, envelope):
+                        refold.add(key)
+                count += len(batch)
+                if batch:
+                    last = batch[-1].sequence
+            for programme_id, county_code in refold:
+                programme = self._programmes[programme_id]
+                states[(programme_id, county_code)] = fold(
+                    programme, county_code, await aggregate_log(conn, programme_id, county_code)
+                )
+            await write_states(conn, list(states.values()), fresh_tables=True)
+            await conn.execute(
+                "INSERT INTO ledger.checkpoint (projection, last_sequence) VALUES ($1, $2)", PROJECTION, last
+            )
+        seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
+        return RebuildResult(events=count, last_sequence=last, seconds=seconds)
+
+
+class GapError(RuntimeError):
+    def __init__(self, checkpoint: int, first: int) -> None:
+        super().__init__(f"events {checkpoint + 1}..{first - 1} not applied yet; got {first}")
+        self.checkpoint = checkpoint
+        self.first = first
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    events: int
+    last_sequence: int
+    seconds: float
+
+
+_LOG_COLUMNS = (
+    "stream_sequence",
+    "programme_id",
+    "county_code",
+    "event_id",
+    "event_type",
+    "submission_id",
+    "occurred_at",
+    "recorded_at",
+    "envelope",
+)
+
+
+def _log_record(seq: int, e: EventEnvelope) -> tuple[object, ...]:
+    return (
+        seq,
+        e.programme_id,
+        e.county_code,
+        e.event_id,
+        e.event_type,
+        e.submission_id,
+        e.occurred_at,
+        e.recorded_at,
+        msgspec.json.encode(e).decode(),
+    )
+
+
+async def aggregate_log(
+    conn: Connection, programme_id: str, county_code: str, recorded_by: dt.datetime | None = None
+) -> list[tuple[int, EventEnvelope]]:
+    rows = await conn.fetch(
+        "SELECT stream_sequence, envelope::text AS envelope FROM ledger.event_log"
+        " WHERE programme_id = $1 AND county_code = $2 AND ($3::timestamptz IS NULL OR recorded_at <= $3)"
+        " ORDER BY stream_sequence",
+        programme_id,
+        county_code,
+        recorded_by,
+    )
+    return [(r["stream_sequence"], decode_event(r["envelope"].encode())) for r in rows]
+
+
+async def write_states(conn: Connection, ledgers: Sequence[CountyLedger], fresh_tables: bool = False) -> None:
+    """Upsert the counties' states and their milestone rows."""
+    state_rows = [
+        (lg.programme_id, lg.county_code, lg.last_sequence, _state_encoder.encode(lg).decode()) for lg in ledgers
+    ]
+    milestone_rows = [
+        (
+            lg.programme_id,
+            lg.county_code,
+            m.milestone_id,
+            m.percent,
+            m.note,
+            m.reported_at,
+            m.completed_on,
+            m.completed_via,
+            m.extended_deadline,
+        )
+        for lg in ledgers
+        for m in lg.milestones.values()
+    ]
+    if fresh_tables:
+        await conn.copy_records_to_table(
+            "county_state",
+            schema_name="ledger",
+            columns=["programme_id", "county_code", "last_sequence", "state"],
+            records=state_rows,
+        )
+        await conn.copy_records_to_table("milestones", schema_name="ledger", records=milestone_rows)
+        return
+    await conn.executemany(
+        "INSERT INTO ledger.county_state (programme_id, county_code, last_sequence, state) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (programme_id, county_code) DO UPDATE"
+        " SET last_sequence = EXCLUDED.last_sequence, state = EXCLUDED.state",
+        state_rows,
+    )
+    await conn.executemany(
+        "INSERT INTO ledger.milestones VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        " ON CONFLICT (programme_id, county_code, milestone_id) DO UPDATE SET percent = EXCLUDED.percent,"
+        " note = EXCLUDED.note, reported_at = EXCLUDED.reported_at, completed_on = EXCLUDED.completed_on,"
+        " completed_via = EXCLUDED.completed_via, extended_deadline = EXCLUDED.extended_deadline",
+        milestone_rows,
+    )

@@ -1,0 +1,184 @@
+"""The ledger's view of one county in one programme, folded from its events. Pure.
+
+What the supervision bureau reads: per milestone the last reported progress, completion and its
+evidence, the granted extension; the reviews and their state; the procedure findings; the
+progress tables filed. A retraction takes the retracted submission's facts out: the county is
+folded again from its events without them (nothing stored is edited).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+from contracts.events import (
+    EventEnvelope,
+    ExtensionDecided,
+    ExtensionRequested,
+    MilestoneCompleted,
+    ProcedureFindingRecorded,
+    ProgressReported,
+    ProgressTableFiled,
+    ReviewDecided,
+    ReviewRequested,
+    SubmissionRetracted,
+    TrialOperationStarted,
+)
+from contracts.payloads import Document, ExtensionOutcome, ReviewOutcome
+from contracts.programme import Programme
+
+
+class MilestoneFacts(msgspec.Struct, kw_only=True):
+    milestone_id: str
+    percent: int = 0
+    note: str = ""
+    reported_at: dt.datetime | None = None
+    steps_done: list[str] = msgspec.field(default_factory=list)
+    completed_on: dt.date | None = None
+    completed_via: str | None = None
+    evidence: list[Document] = msgspec.field(default_factory=list)
+    extended_deadline: dt.date | None = None  # the latest granted extension
+    extension_requested: dt.date | None = None  # pending request's proposed date
+
+
+class ReviewFacts(msgspec.Struct, kw_only=True):
+    review_kind: str
+    state: str  # requested | passed | returned
+    requested_on: dt.date | None = None
+    decided_on: dt.date | None = None
+    approval_document_number: str | None = None
+    comments: str = ""
+
+
+class FindingFacts(msgspec.Struct, kw_only=True):
+    event_id: str
+    rule_id: str
+    finding_zh: str
+    finding_en: str
+    detail: str
+    milestone_id: str | None
+    recorded_at: dt.datetime
+
+
+class ProgressTableFacts(msgspec.Struct, kw_only=True):
+    period: str
+    filed_on: dt.date  # local date it was filed (occurred)
+    submission_id: str
+    lines: int
+
+
+class CountyLedger(msgspec.Struct, kw_only=True):
+    programme_id: str
+    county_code: str
+    last_sequence: int = 0
+    milestones: dict[str, MilestoneFacts] = msgspec.field(default_factory=dict)
+    reviews: dict[str, ReviewFacts] = msgspec.field(default_factory=dict)
+    findings: list[FindingFacts] = msgspec.field(default_factory=list)
+    progress_tables: dict[str, ProgressTableFacts] = msgspec.field(default_factory=dict)
+    trial_started_on: dt.date | None = None
+    retracted: list[str] = msgspec.field(default_factory=list)  # submission ids
+
+
+def new_ledger(programme: Programme, county_code: str) -> CountyLedger:
+    return CountyLedger(
+        programme_id=programme.id,
+        county_code=county_code,
+        milestones={m.id: MilestoneFacts(milestone_id=m.id) for m in programme.milestones},
+    )
+
+
+def fold(programme: Programme, county_code: str, events: Iterable[tuple[int, EventEnvelope]]) -> CountyLedger:
+    """The county's ledger from its events (sequence, envelope) in stream order."""
+    history = list(events)
+    retracted = {e.payload.retracted_submission_id for _, e in history if isinstance(e.payload, SubmissionRetracted)}
+    ledger = new_ledger(programme, county_code)
+    ledger.retracted = sorted(retracted)
+    zone = ZoneInfo(programme.programme.timezone)
+    for sequence, envelope in history:
+        ledger.last_sequence = max(ledger.last_sequence, sequence)
+        if envelope.submission_id not in retracted:
+            _apply(ledger, envelope, zone)
+    return ledger
+
+
+def apply(programme: Programme, ledger: CountyLedger, sequence: int, envelope: EventEnvelope) -> bool:
+    """Fold one more event in; False when it is a retraction and the caller must refold."""
+    if sequence <= ledger.last_sequence:
+        return True  # already applied: a redelivery changes nothing
+    if isinstance(envelope.payload, SubmissionRetracted):
+        return False
+    ledger.last_sequence = sequence
+    if envelope.submission_id not in ledger.retracted:
+        _apply(ledger, envelope, ZoneInfo(programme.programme.timezone))
+    return True
+
+
+def _apply(ledger: CountyLedger, envelope: EventEnvelope, zone: ZoneInfo) -> None:
+    payload = envelope.payload
+    on = envelope.occurred_at.astimezone(zone).date()
+    match payload:
+        case ProgressReported():
+            m = ledger.milestones.get(payload.milestone_id)
+            if m is not None:
+                m.percent, m.note, m.reported_at = payload.percent, payload.note, envelope.occurred_at
+                m.steps_done = sorted(set(m.steps_done) | set(payload.steps_done))
+        case MilestoneCompleted():
+            m = ledger.milestones.get(payload.milestone_id)
+            if m is not None:
+                if m.completed_on is None:
+                    m.completed_on, m.completed_via = payload.completed_on, payload.via
+                m.evidence = [*m.evidence, *payload.evidence]
+                m.percent = 100
+                if payload.note:
+                    m.note = payload.note
+        case ReviewRequested():
+            ledger.reviews[payload.review_kind] = ReviewFacts(
+                review_kind=payload.review_kind, state="requested", requested_on=on
+            )
+        case ReviewDecided():
+            prior = ledger.reviews.get(payload.review_kind)
+            ledger.reviews[payload.review_kind] = ReviewFacts(
+                review_kind=payload.review_kind,
+                state="passed" if payload.outcome is ReviewOutcome.PASSED else "returned",
+                requested_on=prior.requested_on if prior else None,
+                decided_on=payload.decided_on,
+                approval_document_number=payload.approval_document_number,
+                comments=payload.comments,
+            )
+        case TrialOperationStarted():
+            if ledger.trial_started_on is None:
+                ledger.trial_started_on = payload.started_on
+        case ProgressTableFiled():
+            ledger.progress_tables.setdefault(
+                payload.period,
+                ProgressTableFacts(
+                    period=payload.period, filed_on=on, submission_id=envelope.submission_id, lines=len(payload.lines)
+                ),
+            )
+        case ExtensionRequested():
+            m = ledger.milestones.get(payload.milestone_id)
+            if m is not None:
+                m.extension_requested = payload.proposed_deadline
+        case ExtensionDecided():
+            m = ledger.milestones.get(payload.milestone_id)
+            if m is not None:
+                m.extension_requested = None
+                if payload.outcome is ExtensionOutcome.GRANTED and payload.new_deadline is not None:
+                    m.extended_deadline = payload.new_deadline
+        case ProcedureFindingRecorded():
+            ledger.findings.append(
+                FindingFacts(
+                    event_id=envelope.event_id,
+                    rule_id=payload.rule_id,
+                    finding_zh=payload.finding_zh,
+                    finding_en=payload.finding_en,
+                    detail=payload.detail,
+                    milestone_id=payload.milestone_id,
+                    recorded_at=envelope.recorded_at,
+                )
+            )
+        case _:
+            pass

@@ -1,0 +1,288 @@
+"""The ledger against a real nats-server and PostgreSQL: statuses and lights, time travel,
+history, rebuild equal to live processing, and a database outage that delays but loses nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from pathlib import Path
+
+import openpyxl
+import pytest
+
+from contracts.commands import Role
+from contracts.ledger import (
+    COUNTY_SUBJECT,
+    HISTORY_SUBJECT,
+    OVERDUE_SUBJECT,
+    REPORT_SUBJECT,
+    TABLE_SUBJECT,
+    CountyDetail,
+    CountyHistory,
+    Light,
+    OverdueList,
+    PeriodStatus,
+    ProgressTable,
+    Status,
+)
+from contracts.replies import Accepted
+from services.common.embedded import EmbeddedPostgres
+from services.ledger.consumer import read_stream
+from tests.harness import Harness
+from tests.ledger_harness import Ledger, start_ledger, stop_ledger
+
+pytestmark = pytest.mark.integration
+SHANGHAI = dt.timezone(dt.timedelta(hours=8))
+EVIDENCE = [{"title": "县政府常务会议纪要", "number": "濮县政〔2017〕5号"}]
+
+
+def at(day: str, hour: int = 10) -> dt.datetime:
+    return dt.datetime.fromisoformat(day).replace(hour=hour, tzinfo=SHANGHAI)
+
+
+async def accepted(harness: Harness, command: dict[str, object], **kw: object) -> Accepted:
+    reply = await harness.send(command, **kw)  # type: ignore[arg-type]
+    assert isinstance(reply, Accepted), reply
+    return reply
+
+
+def cell(table: ProgressTable, county: str, milestone: str) -> tuple[Status, Light, int]:
+    row = next(r for r in table.counties if r.county_code == county)
+    s = next(m for m in row.milestones if m.milestone_id == milestone)
+    return s.status, s.light, s.workdays_left
+
+
+async def play_spring_2017(harness: Harness) -> None:
+    """濮阳县 (410928) on time with 1.1, late with 1.2; 清丰县 (410922) silent."""
+    harness.clock.set(at("2017-03-28"))
+    await accepted(
+        harness,
+        {"kind": "complete_milestone", "milestone_id": "1.1", "completed_on": "2017-03-28", "evidence": EVIDENCE},
+    )
+    await accepted(harness, {"kind": "request_review", "review_kind": "plan_pre_review"}, submission_id="plan-410928")
+    harness.clock.set(at("2017-04-12"))
+    await accepted(
+        harness,
+        {"kind": "decide_review", "review_kind": "plan_pre_review", "outcome": "passed", "decided_on": "2017-04-12"},
+        role=Role.CITY,
+    )
+    await accepted(harness, {"kind": "request_review", "review_kind": "provincial_plan_review"})
+    harness.clock.set(at("2017-05-09"))
+    await accepted(
+        harness,
+        {
+            "kind": "decide_review",
+            "review_kind": "provincial_plan_review",
+            "outcome": "passed",
+            "decided_on": "2017-05-09",
+            "approval_document_number": "豫建城〔2017〕45号",
+        },
+        role=Role.PROVINCE,
+    )
+
+
+async def test_progress_table_statuses_and_lights(harness: Harness, ledger: Ledger) -> None:
+    await play_spring_2017(harness)
+    await ledger.caught_up(harness)
+    table = await ledger.ask(TABLE_SUBJECT, ProgressTable)
+    # 1.1 done 2017-03-28, deadline 2017-03-31: on time.
+    assert cell(table, "410928", "1.1")[:2] == (Status.DONE, Light.GREEN)
+    # 1.2 deadline Sunday 2017-04-30 rolls over the Labour Day holiday to Tuesday 2017-05-02;
+    # the province approved on 2017-05-09: done late, red.
+    status, light, _ = cell(table, "410928", "1.2")
+    assert (status, light) == (Status.DONE_LATE, Light.RED)
+    row = next(r for r in table.counties if r.county_code == "410928")
+    assert row.milestones[1].effective_deadline == dt.date(2017, 5, 2)
+    # 清丰县 sent nothing: 1.2 is overdue by the working days 05-03, 04, 05, 08, 09.
+    assert cell(table, "410922", "1.2") == (Status.OVERDUE, Light.RED, -5)
+    # 1.3 (deadline 2017-06-30) is weeks away: not started, green.
+    assert cell(table, "410922", "1.3")[:2] == (Status.NOT_STARTED, Light.GREEN)
+    # The progress table for 2017-03 was due 2017-04-05 and never filed.
+    assert (
+        next(r for r in table.counties if r.county_code == "410922").progress_tables["2017-03"] is PeriodStatus.MISSING
+    )
+    assert table.roll_rest_day_deadlines and table.today == dt.date(2017, 5, 9)
+    names = [(r.county_name, r.responsible_person) for r in table.counties]
+    assert names[1:3] == [("清丰县", "刘兵"), ("南乐县", "刘冰")]
+
+
+async def test_as_of_before_and_after_an_extension_and_a_retraction(harness: Harness, ledger: Ledger) -> None:
+    harness.clock.set(at("2017-06-01"))
+    await accepted(
+        harness,
+        {"kind": "request_extension", "milestone_id": "1.1", "proposed_deadline": "2017-06-20", "reason": "机构改革"},
+        county="410922",
+        submission_id="ext-410922",
+    )
+    harness.clock.set(at("2017-06-05"))
+    await accepted(
+        harness,
+        {
+            "kind": "decide_extension",
+            "milestone_id": "1.1",
+            "outcome": "granted",
+            "new_deadline": "2017-06-20",
+            "request_submission_id": "ext-410922",
+        },
+        county="410922",
+        role=Role.CITY,
+    )
+    harness.clock.set(at("2017-06-08"))
+    await accepted(
+        harness,
+        {"kind": "report_progress", "milestone_id": "1.3", "percent": 60, "note": "已立项"},
+        county="410922",
+        submission_id="p-410922",
+    )
+    harness.clock.set(at("2017-06-12"))
+    await accepted(
+        harness,
+        {"kind": "retract_submission", "retracted_submission_id": "p-410922", "reason": "数据有误"},
+        county="410922",
+        role=Role.CITY,
+    )
+    harness.clock.set(at("2017-06-15"))
+    await ledger.caught_up(harness)
+
+    async def table_at(day: str) -> ProgressTable:
+        return await ledger.ask(TABLE_SUBJECT, ProgressTable, {"as_of": at(day, 18).isoformat()})
+
+    before_grant = await table_at("2017-06-02")
+    assert cell(before_grant, "410922", "1.1")[:2] == (Status.OVERDUE, Light.RED)
+    after_grant = await table_at("2017-06-06")
+    # Extended to 2017-06-20: 06-07, 08, 09, 12, 13, 14, 15, 16, 19, 20 → 10 working days left.
+    assert cell(after_grant, "410922", "1.1") == (Status.NOT_STARTED, Light.GREEN, 10)
+    row = next(r for r in after_grant.counties if r.county_code == "410922")
+    assert row.milestones[0].effective_deadline == dt.date(2017, 6, 20)
+    before_retraction = await table_at("2017-06-09")
+    assert cell(before_retraction, "410922", "1.3")[0] is Status.IN_PROGRESS
+    assert next(r for r in before_retraction.counties if r.county_code == "410922").milestones[2].percent == 60
+    after_retraction = await table_at("2017-06-13")
+    assert cell(after_retraction, "410922", "1.3")[0] is Status.NOT_STARTED
+    now = await ledger.ask(TABLE_SUBJECT, ProgressTable)
+    # 2017-06-15: five working days to 06-20 (16, 19, 20 → 3): due soon, yellow.
+    assert cell(now, "410922", "1.1") == (Status.NOT_STARTED, Light.YELLOW, 3)
+    detail = await ledger.ask(COUNTY_SUBJECT, CountyDetail, {"county_code": "410922"})
+    assert detail.retracted_submissions == ("p-410922",)
+
+
+async def test_county_history_lists_every_event_with_actor_and_times(harness: Harness, ledger: Ledger) -> None:
+    await play_spring_2017(harness)
+    await ledger.caught_up(harness)
+    history = await ledger.ask(HISTORY_SUBJECT, CountyHistory, {"county_code": "410928"})
+    types = [e.event_type for e in history.entries]
+    assert types == [
+        "milestone_completed",
+        "review_requested",
+        "review_decided",
+        "review_requested",
+        "review_decided",
+        "milestone_completed",
+    ]
+    roles = [e.actor_role for e in history.entries]
+    assert roles == ["county", "county", "city", "county", "province", "province"]
+    assert history.entries[0].recorded_at == at("2017-03-28")
+    assert "1.2《建设方案通过评审》完成于2017-05-09" in history.entries[-1].summary
+    detail = await ledger.ask(COUNTY_SUBJECT, CountyDetail, {"county_code": "410928"})
+    assert [r.state for r in detail.reviews] == ["passed", "passed"]
+    assert detail.milestones[1].evidence[0].number == "豫建城〔2017〕45号"
+
+
+async def test_overdue_list_and_findings(harness: Harness, ledger: Ledger) -> None:
+    harness.clock.set(at("2017-07-03"))
+    await accepted(
+        harness,
+        {"kind": "report_progress", "milestone_id": "1.3", "percent": 70, "steps_done": ["tender_published"]},
+        county="410923",
+    )
+    await ledger.caught_up(harness)
+    overdue = await ledger.ask(OVERDUE_SUBJECT, OverdueList)
+    # Five counties × 1.1, 1.2, 1.3 overdue on 2017-07-03.
+    assert len(overdue.items) == 15
+    assert {i.county_code for i in overdue.items} == {"410928", "410922", "410923", "410926", "410927"}
+    detail = await ledger.ask(COUNTY_SUBJECT, CountyDetail, {"county_code": "410923"})
+    assert [f.rule_id for f in detail.findings] == ["tender-pre-review-before-tender"]
+    assert detail.milestones[2].status.open_findings == 1
+
+
+async def test_report_query_returns_an_xlsx(harness: Harness, ledger: Ledger) -> None:
+    await play_spring_2017(harness)
+    await ledger.caught_up(harness)
+    msg = await ledger.nc.request(REPORT_SUBJECT, b"{}", timeout=10)
+    workbook = openpyxl.load_workbook(io.BytesIO(msg.data))
+    text = " ".join(str(c.value) for row in workbook.worksheets[0].iter_rows() for c in row if c.value)
+    assert "濮阳县" in text and "逾期完成" in text and "孙庆伟" in text
+
+
+async def test_bad_queries_get_clear_errors(harness: Harness, ledger: Ledger) -> None:
+    for query, code in (
+        ({"county_code": "999999"}, "unknown_county"),
+        ({"county_code": "410928", "programme_id": "nowhere-1"}, "unknown_programme"),
+        ({"county_code": 410928}, "bad_request"),
+        ({"county_code": "410928", "as_of": "2030-01-01T00:00:00+08:00"}, "bad_request"),
+    ):
+        msg = await ledger.nc.request(COUNTY_SUBJECT, json.dumps(query).encode(), timeout=5)
+        assert msg.headers and msg.headers.get("Nats-Service-Error-Code")
+        assert json.loads(msg.data)["code"] == code
+
+
+async def test_nats_service_protocol_answers(ledger: Ledger) -> None:
+    msg = await ledger.nc.request("$SRV.INFO.duban-ledger", b"", timeout=5)
+    info = json.loads(msg.data)
+    assert {e["subject"] for e in info["endpoints"]} >= {TABLE_SUBJECT, COUNTY_SUBJECT, HISTORY_SUBJECT, REPORT_SUBJECT}
+
+
+async def test_rebuild_equals_live_processing(harness: Harness, ledger: Ledger) -> None:
+    await play_spring_2017(harness)
+    harness.clock.set(at("2017-06-01"))
+    await accepted(
+        harness, {"kind": "report_progress", "milestone_id": "1.3", "percent": 30}, county="410926", submission_id="r1"
+    )
+    await accepted(
+        harness,
+        {"kind": "retract_submission", "retracted_submission_id": "r1", "reason": "误报"},
+        county="410926",
+        role=Role.CITY,
+    )
+    await accepted(
+        harness,
+        {"kind": "file_progress_table", "period": "2017-05", "lines": [{"milestone_id": "1.1", "percent": 100}]},
+    )
+    await ledger.caught_up(harness)
+    live = await ledger.snapshot()
+    # Redelivering everything changes nothing.
+    batches = [batch async for batch in read_stream(harness.js, batch_size=3)]
+    for batch in batches:
+        await ledger.projection.apply_batch(batch)
+    assert await ledger.snapshot() == live
+
+    async def again() -> object:
+        for batch in batches:
+            yield batch
+
+    result = await ledger.projection.rebuild(again())  # type: ignore[arg-type]
+    assert result.events == sum(len(b) for b in batches)
+    assert await ledger.snapshot() == live
+
+
+async def test_postgres_outage_delays_events_but_loses_none(harness: Harness, nats_url: str, tmp_path: Path) -> None:
+    async with EmbeddedPostgres(tmp_path / "pg", durable=False) as postgres:
+        own = await start_ledger(nats_url, postgres.dsn, harness.clock)
+        try:
+            await play_spring_2017(harness)
+            await own.caught_up(harness)
+            await postgres.stop()
+            harness.clock.set(at("2017-05-20"))
+            for i in range(5):
+                await accepted(
+                    harness, {"kind": "report_progress", "milestone_id": "1.3", "percent": 10 + i}, county="410927"
+                )
+            await postgres.start()
+            checkpoint = await own.caught_up(harness, timeout=30)
+            history = await own.ask(HISTORY_SUBJECT, CountyHistory, {"county_code": "410927"})
+            assert [e.payload["percent"] for e in history.entries] == [10, 11, 12, 13, 14]
+            info = await harness.js.stream_info("DUBAN_EVENTS")
+            assert checkpoint == info.state.last_seq
+        finally:
+            await stop_ledger(own)
