@@ -98,13 +98,14 @@ class CountyRow(Fields, frozen=True):
 
 class ProgressTable(Fields, frozen=True):
     programme_id: str
-    title: str
+    title: str  # the programme's (the notice's) title
     as_of: Instant
     today: dt.date  # the local day the lights are judged on
     roll_rest_day_deadlines: bool
     due_soon_workdays: int
     milestones: tuple[MilestoneInfo, ...]
     counties: tuple[CountyRow, ...]
+    report_title: str = ""  # the table's own name, when the programme gives it
 
 
 class ReviewState(Fields, frozen=True):

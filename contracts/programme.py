@@ -124,6 +124,8 @@ class ProcedureRule(Spec, frozen=True):
 class ProgressTableRhythm(Spec, frozen=True):
     first_period: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-[0-9]{2}$")]
     last_period: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-[0-9]{2}$")]
+    # The table's name as the notice gives it (《…督查进度一览表》); empty: derived from the title.
+    title: str = ""
     rhythm: Literal["monthly"] = "monthly"
     due_day_of_following_month: Annotated[int, msgspec.Meta(ge=1, le=28)] = 5
     is_default: bool = True  # the notice defers the rhythm to another document
@@ -224,7 +226,8 @@ def _semantic_problems(p: Programme) -> Iterable[tuple[str, str]]:
     phase_ids = {ph.id for ph in p.phases}
     review_kinds = {r.kind for r in p.reviews}
     milestone_ids = {m.id for m in p.milestones}
-    for i, dup in enumerate(_duplicates(ph.id for ph in p.phases)):
+    for dup in _duplicates(ph.id for ph in p.phases):
+        i = [ph.id for ph in p.phases].index(dup)
         yield f"$.phases[{i}].id", f"phase id {dup!r} appears twice"
     for dup in _duplicates(m.id for m in p.milestones):
         i = [m.id for m in p.milestones].index(dup)

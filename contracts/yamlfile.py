@@ -45,6 +45,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        # An impossible date (2017-04-31) raises a bare ValueError in PyYAML: give it its line.
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a date: {exc}", node.start_mark
+            ) from None
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", _UniqueKeyLoader.construct_yaml_timestamp)
+
 
 def load_yaml_struct(path: Path, type_: type[T], error: type[DataFileError]) -> tuple[T, Callable[[str], int | None]]:
     """Decode ``path`` into ``type_``; returns the value and a key-path → line locator."""

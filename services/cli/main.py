@@ -6,11 +6,10 @@ Everything here goes through the same NATS subjects an operator reaches with the
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 import typer
@@ -29,6 +28,9 @@ from services.common.settings import Settings
 app = typer.Typer(no_args_is_help=True, help="duban 督办: supervise a programme's milestones across counties.")
 deploy_app = typer.Typer(no_args_is_help=True, help="Files an operator deploys.")
 app.add_typer(deploy_app, name="deploy")
+ledger_app = typer.Typer(no_args_is_help=True, help="The ledger's read model.")
+app.add_typer(ledger_app, name="ledger")
+T = TypeVar("T")
 console = Console()
 err = Console(stderr=True)
 
@@ -50,6 +52,7 @@ def up() -> None:
 
 
 async def _up(settings: Settings) -> None:
+    from services.ledger import main as ledger
     from services.submissions import main as submissions
 
     stop = asyncio.Event()
@@ -57,16 +60,21 @@ async def _up(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with infrastructure(settings) as runtime:
-        ready = asyncio.Event()
-        task = asyncio.create_task(submissions.run(runtime, SystemClock(), stop, ready))
-        await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
+        clock = SystemClock()
+        services = {"submissions": submissions.run, "ledger": ledger.run}
+        readiness = {name: asyncio.Event() for name in services}
+        tasks = [asyncio.create_task(run(runtime, clock, stop, readiness[name])) for name, run in services.items()]
+        all_ready = asyncio.create_task(asyncio.wait([asyncio.create_task(e.wait()) for e in readiness.values()]))
+        await asyncio.wait([*tasks, all_ready], return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                stop.set()
+                raise task.exception()  # type: ignore[misc]
         err.print(
-            f"[bold green]duban is running[/] — NATS {runtime.nats_url}; "
+            f"[bold green]duban is running[/] — NATS {runtime.nats_url}; services: {', '.join(services)}; "
             f"programmes: {', '.join(runtime.programmes)}. Ctrl-C stops it."
         )
-        await task
+        await asyncio.gather(*tasks)
 
 
 @app.command()
@@ -143,6 +151,146 @@ async def _refusals(settings: Settings, county: str | None, limit: int) -> list[
     return out[-limit:]
 
 
+def _as_of(value: str | None) -> str | None:
+    """A date means the end of that day in Asia/Shanghai; a time without offset is Shanghai time."""
+    if value is None:
+        return None
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo("Asia/Shanghai")
+    try:
+        if len(value) == 10:
+            day = dt.date.fromisoformat(value)
+            return dt.datetime.combine(day, dt.time(23, 59, 59), zone).isoformat()
+        instant = dt.datetime.fromisoformat(value)
+    except ValueError:
+        err.print(f"[red]--as-of {value!r}: expected a date (2017-09-01) or a date and time[/]")
+        raise typer.Exit(2) from None
+    return (instant if instant.tzinfo else instant.replace(tzinfo=zone)).isoformat()
+
+
+async def _ask(settings: Settings, subject: str, query: dict[str, object], user: str | None) -> tuple[bytes, bool]:
+    """Request-reply to a query subject; (body, is_error)."""
+    runtime = client_runtime(settings)
+    nc = await runtime.connect_as(user or settings.nats_user or "ops")
+    try:
+        msg = await nc.request(
+            subject, msgspec.json.encode({k: v for k, v in query.items() if v is not None}), timeout=30
+        )
+    finally:
+        await nc.close()
+    return msg.data, bool(msg.headers and msg.headers.get("Nats-Service-Error-Code"))
+
+
+def _query(subject: str, answer_type: type[T], query: dict[str, object], user: str | None = None) -> T:
+    from contracts.ledger import QueryError
+
+    data, failed = asyncio.run(_ask(_settings(), subject, query, user))
+    if failed:
+        error = msgspec.json.decode(data, type=QueryError)
+        err.print(f"[red]{error.code}[/]: {error.message_zh} / {error.message_en} {error.detail}")
+        raise typer.Exit(1)
+    return msgspec.json.decode(data, type=answer_type)
+
+
+AsOf = Annotated[str | None, typer.Option("--as-of", help="A date (end of that day) or date-time, Asia/Shanghai.")]
+Programme = Annotated[str | None, typer.Option("--programme", help="Programme id (default: the first).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
+
+
+def _show(answer: msgspec.Struct, view: object, as_json: bool) -> None:
+    if as_json:
+        console.print_json(msgspec.json.encode(answer).decode())
+    else:
+        console.print(view)
+
+
+@app.command()
+def status(as_of: AsOf = None, programme: Programme = None, json_out: JsonOut = False) -> None:
+    """The progress table (督查进度一览表) with its traffic lights, now or as of a date."""
+    from contracts.ledger import TABLE_SUBJECT, ProgressTable
+    from services.cli.render import table_view
+
+    table = _query(TABLE_SUBJECT, ProgressTable, {"as_of": _as_of(as_of), "programme_id": programme})
+    _show(table, table_view(table), json_out)
+
+
+@app.command()
+def county(code: str, as_of: AsOf = None, programme: Programme = None, json_out: JsonOut = False) -> None:
+    """One county's detail: milestones, evidence, reviews, findings."""
+    from contracts.ledger import COUNTY_SUBJECT, CountyDetail
+    from services.cli.render import county_view
+
+    detail = _query(
+        COUNTY_SUBJECT, CountyDetail, {"county_code": code, "as_of": _as_of(as_of), "programme_id": programme}
+    )
+    _show(detail, county_view(detail), json_out)
+
+
+@app.command()
+def history(code: str, as_of: AsOf = None, programme: Programme = None, json_out: JsonOut = False) -> None:
+    """Every event of a county, with its actor, occurred-at and recorded-at."""
+    from contracts.ledger import HISTORY_SUBJECT, CountyHistory
+    from services.cli.render import history_view
+
+    answer = _query(
+        HISTORY_SUBJECT, CountyHistory, {"county_code": code, "as_of": _as_of(as_of), "programme_id": programme}
+    )
+    _show(answer, history_view(answer), json_out)
+
+
+@app.command()
+def overdue(as_of: AsOf = None, programme: Programme = None, json_out: JsonOut = False) -> None:
+    """Milestones past their effective deadline and not done."""
+    from contracts.ledger import OVERDUE_SUBJECT, OverdueList
+    from services.cli.render import overdue_view
+
+    answer = _query(OVERDUE_SUBJECT, OverdueList, {"as_of": _as_of(as_of), "programme_id": programme})
+    _show(answer, overdue_view(answer), json_out)
+
+
+@app.command()
+def report(
+    xlsx: Annotated[Path, typer.Option("--xlsx", help="Write the 督查进度一览表 to this .xlsx file.")],
+    as_of: AsOf = None,
+    programme: Programme = None,
+) -> None:
+    """Export the 督查进度一览表 as an Excel file."""
+    from contracts.ledger import REPORT_SUBJECT, QueryError
+
+    data, failed = asyncio.run(
+        _ask(_settings(), REPORT_SUBJECT, {"as_of": _as_of(as_of), "programme_id": programme}, None)
+    )
+    if failed:
+        error = msgspec.json.decode(data, type=QueryError)
+        err.print(f"[red]{error.code}[/]: {error.message_zh} / {error.message_en} {error.detail}")
+        raise typer.Exit(1)
+    xlsx.write_bytes(data)
+    console.print(f"wrote {xlsx} ({len(data)} bytes)")
+
+
+@ledger_app.command("rebuild")
+def ledger_rebuild() -> None:
+    """Drop the ledger's read model and rebuild it from the event stream."""
+    from contracts.ledger import REBUILD_SUBJECT, RebuildReport
+
+    answer = _query(REBUILD_SUBJECT, RebuildReport, {})
+    console.print(
+        f"rebuilt from {answer.events} events (to sequence {answer.last_sequence}) in {answer.seconds:.2f} s "
+        f"— {answer.events_per_second:,.0f} events/s"
+    )
+
+
+@ledger_app.command("status")
+def ledger_status() -> None:
+    """How far the ledger's read model has applied the event stream."""
+    from contracts.ledger import PROJECTION_STATUS_SUBJECT, ProjectionStatus
+
+    answer = _query(PROJECTION_STATUS_SUBJECT, ProjectionStatus, {})
+    console.print(f"checkpoint {answer.checkpoint} of {answer.stream_last_sequence} (lag {answer.lag})")
+
+
 @app.command()
 def schema(
     out: Annotated[Path, typer.Option(help="Directory to write to.")] = SCHEMA_DIR,
@@ -186,10 +334,6 @@ def nats_config(
 
     for path in natsauth.write_deploy_files(out, load_programmes(_settings()).values()):
         console.print(f"wrote {path}")
-
-
-def _print_json(data: object) -> None:
-    console.print_json(json.dumps(data, ensure_ascii=False))
 
 
 if __name__ == "__main__":

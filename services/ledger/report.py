@@ -25,6 +25,7 @@ from openpyxl import Workbook
 from openpyxl.cell.cell import Cell
 from openpyxl.styles import Alignment, Border, Font, PatternFill, Side
 from openpyxl.utils import get_column_letter
+from openpyxl.worksheet.properties import PageSetupProperties
 from openpyxl.worksheet.worksheet import Worksheet
 from openpyxl.writer.excel import ExcelWriter
 
@@ -64,11 +65,13 @@ PERIOD_LIGHT: dict[PeriodStatus, Light | None] = {
 }
 
 COUNTY_SUBCOLUMNS: tuple[tuple[str, float], ...] = (("状态", 13.0), ("完成时间", 12.0), ("备注", 22.0))
-FIXED_COLUMNS: tuple[tuple[str, float], ...] = (("序号", 6.0), ("阶段", 8.0), ("建设任务", 42.0), ("完成时限", 15.0))
+FIXED_COLUMNS: tuple[tuple[str, float], ...] = (("序号", 6.0), ("阶段", 13.0), ("建设任务", 42.0), ("完成时限", 19.0))
 DATE_FORMAT = "yyyy-mm-dd"
 PAGE_FOOTER = "第 &P 页 共 &N 页"
+CellValue = str | int | float | dt.date | None
 _ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
 _LINE_HEIGHT = 15.0  # points per wrapped line at 10.5-11 pt
+_LONGEST_ROLL = dt.timedelta(days=9)  # 国庆+中秋: the longest run of rest days
 
 
 # -- texts shared with the terminal view ------------------------------------------------------------
@@ -76,8 +79,10 @@ def report_title(table: ProgressTable) -> str:
     """The report's title from the programme's title.
 
     A notice is titled "关于<subject>的通知"; its progress table is "<subject>督查进度一览表".
-    A title not of that shape is used whole.
+    A title not of that shape is used whole. The programme file may name the table itself.
     """
+    if table.report_title:
+        return table.report_title
     subject = table.title.strip()
     if subject.startswith("关于"):
         for ending in ("的通知", "的决定", "的意见", "的方案", "通知"):
@@ -100,36 +105,37 @@ def _official_calendar() -> WorkdayCalendar:
     return WorkdayCalendar.official()
 
 
-def ledger_deadline(table: ProgressTable, deadline: dt.date, calendar: WorkdayCalendar | None = None) -> dt.date | None:
-    """The ledger deadline after the rest-day roll alone (no extension); None if the calendar lacks the year."""
-    if not table.roll_rest_day_deadlines:
-        return deadline
+def rolled_deadline(deadline: dt.date, calendar: WorkdayCalendar | None = None) -> dt.date | None:
+    """The first working day on or after ``deadline``; None if the calendar lacks the year."""
     try:
         return (calendar or _official_calendar()).next_workday(deadline)
     except CalendarYearMissing:
         return None
 
 
-def extended_to(
-    table: ProgressTable, status: MilestoneStatus, calendar: WorkdayCalendar | None = None
-) -> dt.date | None:
-    """The effective deadline when a granted extension moved it, else None."""
-    unmoved = ledger_deadline(table, status.deadline, calendar)
-    if unmoved is None:  # no calendar for the year: any later date is taken as an extension
-        unmoved = status.deadline
-        if status.effective_deadline - status.deadline <= dt.timedelta(days=9):  # a holiday roll at most
-            return None
-    return status.effective_deadline if status.effective_deadline != unmoved else None
+def extended_to(status: MilestoneStatus, calendar: WorkdayCalendar | None = None) -> dt.date | None:
+    """The effective deadline when a granted extension moved it, else None.
+
+    The effective deadline is the ledger's, or the extension's, rolled off a rest day when the
+    roll is on. Neither the ledger date nor its roll means an extension moved it.
+    """
+    effective, deadline = status.effective_deadline, status.deadline
+    if effective == deadline:
+        return None
+    rolled = rolled_deadline(deadline, calendar)
+    if rolled is None:  # no calendar for the year: a move no longer than a holiday is taken as the roll
+        return effective if effective - deadline > _LONGEST_ROLL else None
+    return effective if effective != rolled else None
 
 
 def cell_notes(
-    table: ProgressTable, status: MilestoneStatus, *, with_note: bool = True, calendar: WorkdayCalendar | None = None
+    status: MilestoneStatus, *, with_note: bool = True, calendar: WorkdayCalendar | None = None
 ) -> list[str]:
     """The remarks of one county's milestone: its note, a granted extension, days left/overdue, findings."""
     parts: list[str] = []
     if with_note and status.note.strip():
         parts.append(status.note.strip())
-    moved = extended_to(table, status, calendar)
+    moved = extended_to(status, calendar)
     if moved is not None:
         parts.append(f"延期至{moved.isoformat()}")
     if status.status is Status.OVERDUE:
@@ -144,7 +150,7 @@ def cell_notes(
 def deadline_text(table: ProgressTable, milestone: MilestoneInfo, calendar: WorkdayCalendar | None = None) -> str:
     """The ledger's wording of the deadline, and where the rest-day roll moves it."""
     text = milestone.deadline_text or milestone.deadline.isoformat()
-    rolled = ledger_deadline(table, milestone.deadline, calendar)
+    rolled = rolled_deadline(milestone.deadline, calendar) if table.roll_rest_day_deadlines else None
     if rolled is not None and rolled != milestone.deadline:
         text += f"\n（顺延至{rolled.isoformat()}）"
     return text
@@ -188,9 +194,9 @@ def _light_style(cell: Cell, light: Light | None, *, bold: bool = False) -> None
 
 
 def _put(
-    ws: Worksheet, row: int, col: int, value: object, *, font: Font = _BODY_FONT, align: Alignment = _CENTER
+    ws: Worksheet, row: int, col: int, value: CellValue, *, font: Font = _BODY_FONT, align: Alignment = _CENTER
 ) -> Cell:
-    cell: Cell = ws.cell(row=row, column=col, value=value)  # type: ignore[assignment]
+    cell = ws.cell(row=row, column=col, value=value)
     cell.font = font
     cell.alignment = align
     cell.border = _BORDER
@@ -235,17 +241,17 @@ def _page_setup(ws: Worksheet, header_rows: str, title: str) -> None:
     ws.page_setup.paperSize = ws.PAPERSIZE_A3
     ws.page_setup.fitToWidth = 1
     ws.page_setup.fitToHeight = 0
-    ws.sheet_properties.pageSetUpPr.fitToPage = True
+    ws.sheet_properties.pageSetUpPr = PageSetupProperties(fitToPage=True)
     ws.print_options.horizontalCentered = True
     ws.print_title_rows = header_rows
     ws.page_margins.left = ws.page_margins.right = 0.4
-    ws.page_margins.top = ws.page_margins.bottom = 0.6
-    ws.oddHeader.center.text = title
-    ws.oddHeader.center.size = 9
-    ws.oddHeader.center.font = FONT_NAME
-    ws.oddFooter.center.text = PAGE_FOOTER
-    ws.oddFooter.center.size = 9
-    ws.oddFooter.center.font = FONT_NAME
+    ws.page_margins.top = ws.page_margins.bottom = 0.8
+    ws.page_margins.header = ws.page_margins.footer = 0.3
+    for part, text in ((ws.oddHeader, title), (ws.oddFooter, PAGE_FOOTER)):
+        assert part is not None
+        part.center.text = text
+        part.center.size = 9
+        part.center.font = FONT_NAME
 
 
 def _table_sheet(ws: Worksheet, table: ProgressTable, title: str, calendar: WorkdayCalendar | None) -> None:
@@ -296,7 +302,7 @@ def _table_sheet(ws: Worksheet, table: ProgressTable, title: str, calendar: Work
             done = _put(ws, row, first + 1, status.completed_on)
             if status.completed_on is not None:
                 done.number_format = DATE_FORMAT
-            notes = "；".join(cell_notes(table, status, calendar=calendar))
+            notes = "；".join(cell_notes(status, calendar=calendar))
             _put(ws, row, first + 2, notes or None, align=_LEFT)
             sized += [(text, widths["状态"]), (notes, widths["备注"])]
         ws.row_dimensions[row].height = _row_height(sized)
@@ -306,8 +312,8 @@ def _table_sheet(ws: Worksheet, table: ProgressTable, title: str, calendar: Work
             phase_start = row + 1
         row += 1
 
-    _legend(ws, row + 1, table, last_col)
-    ws.freeze_panes = ws.cell(row=bottom + 1, column=n_fixed + 1)
+    _legend(ws, row + 1, table)
+    ws.freeze_panes = f"{get_column_letter(n_fixed + 1)}{bottom + 1}"
     _page_setup(ws, f"{top}:{bottom}", title)
 
 
@@ -317,22 +323,18 @@ def _status_of(county: CountyRow, milestone_id: str, index: int) -> MilestoneSta
     return next((s for s in county.milestones if s.milestone_id == milestone_id), None)
 
 
-def _legend(ws: Worksheet, row: int, table: ProgressTable, last_col: int) -> None:
-    label = ws.cell(row=row, column=1, value="图例")
-    label.font = _HEADER_FONT
+def _legend(ws: Worksheet, row: int, table: ProgressTable) -> None:
+    """The colours' meaning under the table, one per line in the task column."""
+    ws.cell(row=row, column=2, value="图例").font = _HEADER_FONT
     texts = {
         Light.GREEN: "绿：正常推进或按期完成",
-        Light.YELLOW: f"黄：距截止不足{table.due_soon_workdays}个工作日",
+        Light.YELLOW: f"黄：距截止{table.due_soon_workdays}个工作日以内，尚未完成",
         Light.RED: "红：逾期未完成或逾期完成",
     }
-    for col, light in zip((3, 4, 5), Light, strict=False):
-        if col > last_col:
-            break
-        cell = _put(ws, row, col, texts[light], align=_LEFT)
-        _light_style(cell, light)
-    if last_col >= 6:
-        note = ws.cell(row=row + 1, column=3, value="状态取自各县报送及审查记录；备注列含延期、逾期工作日及程序问题。")
-        note.font = _SUBTITLE_FONT
+    for offset, light in enumerate(Light):
+        _light_style(_put(ws, row + offset, 3, texts[light], align=_LEFT), light)
+    note = ws.cell(row=row + len(texts), column=3, value="备注列注明延期、剩余或逾期工作日及程序问题。")
+    note.font = _SUBTITLE_FONT
 
 
 def _periods(counties: Sequence[CountyRow]) -> list[str]:
@@ -356,6 +358,7 @@ def _filings_sheet(ws: Worksheet, table: ProgressTable, title: str) -> None:
 
     row = header + 1
     for n, period in enumerate(_periods(counties), start=1):
+        ws.row_dimensions[row].height = 20
         _put(ws, row, 1, n)
         _put(ws, row, 2, period_label(period))
         for i, county in enumerate(counties):
@@ -366,16 +369,17 @@ def _filings_sheet(ws: Worksheet, table: ProgressTable, title: str) -> None:
         row += 1
 
     for status in (PeriodStatus.ON_TIME, PeriodStatus.LATE, PeriodStatus.MISSING):
+        ws.row_dimensions[row].height = 20
         _put(ws, row, 1, None).fill = _HEADER_FILL
         _put(ws, row, 2, f"{PERIOD_ZH[status]}（期）", font=_HEADER_FONT).fill = _HEADER_FILL
         for i, county in enumerate(counties):
-            count = sum(1 for s in county.progress_tables.values() if s is status)
+            count = sum(1 for s in county.progress_tables.values() if s == status)
             cell = _put(ws, row, 3 + i, count)
             if count:
                 _light_style(cell, PERIOD_LIGHT[status])
         row += 1
 
-    ws.freeze_panes = ws.cell(row=header + 1, column=3)
+    ws.freeze_panes = f"C{header + 1}"
     _page_setup(ws, f"{header}:{header}", f"{title}报送情况")
     ws.page_setup.paperSize = ws.PAPERSIZE_A4
 

@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.micro import Service, add_service
+from nats.micro import add_service
 from nats.micro.request import Request
+from nats.micro.service import Service
 
 from contracts.ledger import (
     COUNTY_SUBJECT,
@@ -154,8 +155,8 @@ def _endpoint(
             failure = _error("bad_request", "查询不是合法的JSON", "the query is not JSON", str(exc))
             await request.respond_error("400", failure.error.message_en, msgspec.json.encode(failure.error))
             return
-        except QueryFailed as failure:
-            await request.respond_error("404", failure.error.message_en, msgspec.json.encode(failure.error))
+        except QueryFailed as failed:
+            await request.respond_error("404", failed.error.message_en, msgspec.json.encode(failed.error))
             return
         except Exception as exc:
             log.exception("ledger query failed")

@@ -85,6 +85,7 @@ def progress_table(ctx: ViewContext, ledgers: Mapping[str, CountyLedger]) -> Pro
             for m in programme.milestones
         ),
         counties=tuple(ctx.county_row(c, _ledger_of(programme, ledgers, c.code)) for c in programme.counties),
+        report_title=programme.progress_table.title,
     )
 
 

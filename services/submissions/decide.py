@@ -185,9 +185,8 @@ def _with_findings(
         own_id = event_id(submission_id, index)
         index += 1
         yield NewEvent(own_id, payload)
-        for trigger in _triggers(programme, facts, payload):
-            for breach in breaches(programme, facts, trigger, on):
-                milestone = trigger.value.split("/")[0] if trigger.kind != "review_requested" else None
+        for trigger in _triggers(programme, facts, payload, on):
+            for breach in breaches(programme, facts, trigger):
                 yield NewEvent(
                     event_id(submission_id, index),
                     ProcedureFindingRecorded(
@@ -195,7 +194,7 @@ def _with_findings(
                         trigger_event_id=own_id,
                         finding_zh=breach.rule.finding_zh,
                         finding_en=breach.rule.finding_en,
-                        milestone_id=milestone or _review_milestone(programme, trigger),
+                        milestone_id=_finding_milestone(programme, trigger),
                         detail=breach.detail,
                     ),
                 )
@@ -203,31 +202,40 @@ def _with_findings(
         fold_fact(facts, payload, submission_id)
 
 
-def _review_milestone(programme: Programme, trigger: Trigger) -> str | None:
-    review = programme.review(trigger.value) if trigger.kind == "review_requested" else None
-    return review.milestone if review else None
+def _finding_milestone(programme: Programme, trigger: Trigger) -> str | None:
+    """The milestone a finding is shown against in the ledger."""
+    if trigger.milestone_id is not None:
+        return trigger.milestone_id
+    if trigger.kind == "review_requested":
+        review = programme.review(trigger.value)
+        return review.milestone if review else None
+    started = programme.milestones_completed_by("trial_operation_started")
+    return started[0].id if started else None
 
 
-def _triggers(programme: Programme, facts: Facts, payload: EventPayload) -> Iterable[Trigger]:
+def _triggers(programme: Programme, facts: Facts, payload: EventPayload, on: dt.date) -> Iterable[Trigger]:
+    """What in ``payload`` the rules look at; ``on`` is the day it was reported."""
     match payload:
         case ProgressReported():
-            done = facts.steps_done.get(payload.milestone_id, set())
+            done = set(facts.steps_done.get(payload.milestone_id, set()))
             for step_id in payload.steps_done:
                 if step_id not in done:
-                    yield Trigger("step_done", f"{payload.milestone_id}/{step_id}")
+                    done.add(step_id)
+                    yield Trigger("step_done", on, f"{payload.milestone_id}/{step_id}")
         case MilestoneCompleted():
             if payload.milestone_id not in facts.completed:
-                yield Trigger("milestone_completed", payload.milestone_id)
+                day = payload.completed_on
+                yield Trigger("milestone_completed", day, payload.milestone_id)
                 milestone = programme.milestone(payload.milestone_id)
                 done = facts.steps_done.get(payload.milestone_id, set())
                 for step in milestone.steps if milestone else ():
                     if step.id not in done:
-                        yield Trigger("step_done", f"{payload.milestone_id}/{step.id}")
+                        yield Trigger("step_done", day, f"{payload.milestone_id}/{step.id}")
         case ReviewRequested():
-            yield Trigger("review_requested", payload.review_kind)
+            yield Trigger("review_requested", on, payload.review_kind)
         case TrialOperationStarted():
             if facts.trial_started_on is None:
-                yield Trigger("trial_operation_started")
+                yield Trigger("trial_operation_started", payload.started_on)
         case _:
             return
 

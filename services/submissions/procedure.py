@@ -21,10 +21,18 @@ TriggerKind = Literal["review_requested", "step_done", "milestone_completed", "t
 
 @dataclass(frozen=True)
 class Trigger:
-    """Something a county reported that the rules look at; ``value`` names what."""
+    """Something a county reported that the rules look at, and the day it happened."""
 
     kind: TriggerKind
+    on: dt.date  # the reported date (completed_on, started_on) or the day it was reported
     value: str = ""  # review kind, "milestone/step", milestone id
+
+    @property
+    def milestone_id(self) -> str | None:
+        """The milestone the trigger is about, when its value names one."""
+        if self.kind in ("step_done", "milestone_completed"):
+            return self.value.split("/")[0]
+        return None
 
 
 @dataclass(frozen=True)
@@ -34,11 +42,15 @@ class Breach:
     detail: str
 
 
-def breaches(programme: Programme, facts: Facts, trigger: Trigger, on: dt.date) -> Iterator[Breach]:
-    """The rules that ``trigger``, happening ``on`` a date with ``facts`` on record, breaks."""
+def breaches(programme: Programme, facts: Facts, trigger: Trigger) -> Iterator[Breach]:
+    """The rules that ``trigger`` breaks, with ``facts`` on record.
+
+    A requirement must hold by the trigger's own date: phase-2 work completed on a date before the
+    province's approval breaks the gate even when it is reported after the approval.
+    """
     for rule in programme.rules:
         if _matches(rule, trigger):
-            unmet = _unmet(programme, facts, rule, on)
+            unmet = _unmet(programme, facts, rule, trigger.on)
             if unmet is not None:
                 yield Breach(rule, trigger, unmet)
 
@@ -61,13 +73,14 @@ def _unmet(programme: Programme, facts: Facts, rule: ProcedureRule, on: dt.date)
     """None when the rule's requirement holds; otherwise what is missing, in Chinese."""
     req = rule.requires
     if req.review_passed is not None:
-        if review_passed(programme, facts, req.review_passed):
+        if review_passed(programme, facts, req.review_passed, on):
             return None
         review = programme.review(req.review_passed)
         name = review.name if review else req.review_passed
         return f"截至{on.isoformat()}未见“{name}”通过记录"
     if req.milestone_completed is not None:
-        if req.milestone_completed in facts.completed:
+        completed = facts.completed.get(req.milestone_completed)
+        if completed is not None and completed <= on:
             return None
         return f"截至{on.isoformat()}建设任务{req.milestone_completed}尚未完成"
     if req.trial_operation_months is not None:
@@ -85,10 +98,11 @@ def _unmet(programme: Programme, facts: Facts, rule: ProcedureRule, on: dt.date)
     return None
 
 
-def review_passed(programme: Programme, facts: Facts, kind: str) -> bool:
-    """A review of a kind nobody decides (自验) counts as passed once the county reports it."""
-    if kind in facts.reviews_passed:
-        return True
+def review_passed(programme: Programme, facts: Facts, kind: str, by: dt.date) -> bool:
+    """Passed on or before ``by``. A review nobody decides (自验) counts once the county reports it."""
+    passed_on = facts.reviews_passed.get(kind)
+    if passed_on is not None:
+        return passed_on <= by
     review = programme.review(kind)
     return review is not None and review.decided_by is Decider.NONE and kind in facts.reviews_requested
 
