@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -168,7 +169,7 @@ async def _incremental_then_rebuild(
         # "restart" (a new projection object: everything it needs is in the database).
         bounds = sorted({0, len(messages), *(c % (len(messages) + 1) for c in cuts)})
         projection = LedgerProjection(pool, {PROGRAMME.id: PROGRAMME})
-        for index, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        for index, (lo, hi) in enumerate(itertools.pairwise(bounds)):
             if index < len(replays) and lo > 0:
                 back = replays[index] % lo
                 projection = LedgerProjection(pool, {PROGRAMME.id: PROGRAMME})
