@@ -24,9 +24,9 @@ import msgspec
 import structlog
 
 from contracts.events import EventEnvelope, decode_event
+from contracts.facts import CountyFacts, apply, fold, new_facts
 from contracts.programme import Programme
 from services.common.postgres import Connection
-from services.ledger.state import CountyLedger, apply, fold, new_ledger
 
 log = structlog.get_logger(__name__)
 
@@ -117,7 +117,7 @@ class StoredMessage:
 
 
 _state_encoder = msgspec.json.Encoder()
-_state_decoder = msgspec.json.Decoder(CountyLedger)
+_state_decoder = msgspec.json.Decoder(CountyFacts)
 
 
 class LedgerProjection:
@@ -200,7 +200,7 @@ class LedgerProjection:
         updated = []
         for (programme_id, county_code), aggregate_events in by_aggregate.items():
             programme = self._programmes[programme_id]
-            ledger = states.get((programme_id, county_code)) or new_ledger(programme, county_code)
+            ledger = states.get((programme_id, county_code)) or new_facts(programme, county_code)
             for seq, envelope in aggregate_events:
                 if not apply(programme, ledger, seq, envelope):
                     # A retraction: fold the county again from its log (this batch is in it).
@@ -217,7 +217,7 @@ class LedgerProjection:
         retraction is folded again from its log at the end.
         """
         started = dt.datetime.now(dt.UTC)
-        states: dict[tuple[str, str], CountyLedger] = {}
+        states: dict[tuple[str, str], CountyFacts] = {}
         refold: set[tuple[str, str]] = set()
         count, last = 0, 0
         async with self._pool.acquire() as conn, conn.transaction():
@@ -233,7 +233,7 @@ class LedgerProjection:
                     key = (envelope.programme_id, envelope.county_code)
                     ledger = states.get(key)
                     if ledger is None:
-                        ledger = states[key] = new_ledger(programme, envelope.county_code)
+                        ledger = states[key] = new_facts(programme, envelope.county_code)
                     if not apply(programme, ledger, seq, envelope):
                         refold.add(key)
                 count += len(batch)
@@ -307,7 +307,7 @@ async def aggregate_log(
     return [(r["stream_sequence"], decode_event(r["envelope"].encode())) for r in rows]
 
 
-async def write_states(conn: Connection, ledgers: Sequence[CountyLedger], fresh_tables: bool = False) -> None:
+async def write_states(conn: Connection, ledgers: Sequence[CountyFacts], fresh_tables: bool = False) -> None:
     """Upsert the counties' states and their milestone rows."""
     state_rows = [
         (lg.programme_id, lg.county_code, lg.last_sequence, _state_encoder.encode(lg).decode()) for lg in ledgers

@@ -9,25 +9,25 @@ import asyncpg
 import msgspec
 
 from contracts.events import EventEnvelope, decode_event
+from contracts.facts import CountyFacts, fold
 from contracts.programme import Programme
 from services.ledger.projection import aggregate_log
-from services.ledger.state import CountyLedger, fold
 
-_state_decoder = msgspec.json.Decoder(CountyLedger)
+_state_decoder = msgspec.json.Decoder(CountyFacts)
 
 
 class LedgerReader:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def states(self, programme: Programme) -> dict[str, CountyLedger]:
+    async def states(self, programme: Programme) -> dict[str, CountyFacts]:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT county_code, state FROM ledger.county_state WHERE programme_id = $1", programme.id
             )
         return {r["county_code"]: _state_decoder.decode(r["state"]) for r in rows}
 
-    async def states_as_of(self, programme: Programme, as_of: dt.datetime) -> dict[str, CountyLedger]:
+    async def states_as_of(self, programme: Programme, as_of: dt.datetime) -> dict[str, CountyFacts]:
         """What the ledger knew at ``as_of``: the events recorded by then, folded."""
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(

@@ -18,6 +18,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from contracts.facts import CountyFacts, new_facts
 from contracts.ledger import (
     COUNTY_SUBJECT,
     HISTORY_SUBJECT,
@@ -40,7 +41,6 @@ from contracts.workdays import WorkdayCalendar
 from services.common.clock import Clock
 from services.ledger import views
 from services.ledger.queries import LedgerReader
-from services.ledger.state import CountyLedger, new_ledger
 from services.ledger.status import LightSettings
 
 log = structlog.get_logger(__name__)
@@ -91,7 +91,7 @@ class LedgerQueries:
 
     async def _ledgers(
         self, programme: Programme, as_of: dt.datetime | None
-    ) -> tuple[dict[str, CountyLedger], dt.datetime]:
+    ) -> tuple[dict[str, CountyFacts], dt.datetime]:
         now = self._clock.now()
         if as_of is None:
             return await self._reader.states(programme), now
@@ -111,7 +111,7 @@ class LedgerQueries:
         programme = self.programme(query.programme_id)
         county = self._county(programme, query.county_code)
         ledgers, as_of = await self._ledgers(programme, query.as_of)
-        ledger = ledgers.get(county.code) or new_ledger(programme, county.code)
+        ledger = ledgers.get(county.code) or new_facts(programme, county.code)
         return views.county_detail(self._context(programme, as_of), county, ledger)
 
     async def history(self, query: CountyQuery) -> CountyHistory:

@@ -10,10 +10,10 @@ import datetime as dt
 
 import msgspec
 
+from contracts.facts import CountyFacts, MilestoneFacts
 from contracts.ledger import Light, MilestoneStatus, PeriodStatus, Status
 from contracts.programme import Milestone, Programme
 from contracts.workdays import WorkdayCalendar
-from services.ledger.state import CountyLedger, MilestoneFacts
 
 
 class LightSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,7 +32,7 @@ def effective_deadline(
 
 def milestone_status(
     programme: Programme,
-    ledger: CountyLedger,
+    ledger: CountyFacts,
     milestone: Milestone,
     today: dt.date,
     calendar: WorkdayCalendar,
@@ -86,7 +86,7 @@ def reporting_periods(programme: Programme) -> list[str]:
     return periods
 
 
-def period_status(programme: Programme, ledger: CountyLedger, period: str, today: dt.date) -> PeriodStatus:
+def period_status(programme: Programme, ledger: CountyFacts, period: str, today: dt.date) -> PeriodStatus:
     due = progress_table_due(programme, period)
     filed = ledger.progress_tables.get(period)
     if filed is not None and filed.filed_on <= today:

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 
 from contracts.events import EventEnvelope
+from contracts.facts import CountyFacts, new_facts
 from contracts.ledger import (
     CountyDetail,
     CountyHistory,
@@ -25,7 +26,6 @@ from contracts.ledger import (
 )
 from contracts.programme import County, Programme
 from contracts.workdays import WorkdayCalendar
-from services.ledger.state import CountyLedger, new_ledger
 from services.ledger.status import LightSettings, milestone_status, period_status, reporting_periods
 
 
@@ -41,7 +41,7 @@ class ViewContext:
         self.calendar = calendar
         self.settings = settings
 
-    def county_row(self, county: County, ledger: CountyLedger) -> CountyRow:
+    def county_row(self, county: County, ledger: CountyFacts) -> CountyRow:
         statuses = tuple(
             milestone_status(self.programme, ledger, m, self.today, self.calendar, self.settings)
             for m in self.programme.milestones
@@ -60,11 +60,11 @@ class ViewContext:
         )
 
 
-def _ledger_of(programme: Programme, ledgers: Mapping[str, CountyLedger], county_code: str) -> CountyLedger:
-    return ledgers.get(county_code) or new_ledger(programme, county_code)
+def _ledger_of(programme: Programme, ledgers: Mapping[str, CountyFacts], county_code: str) -> CountyFacts:
+    return ledgers.get(county_code) or new_facts(programme, county_code)
 
 
-def progress_table(ctx: ViewContext, ledgers: Mapping[str, CountyLedger]) -> ProgressTable:
+def progress_table(ctx: ViewContext, ledgers: Mapping[str, CountyFacts]) -> ProgressTable:
     programme = ctx.programme
     return ProgressTable(
         programme_id=programme.id,
@@ -89,7 +89,7 @@ def progress_table(ctx: ViewContext, ledgers: Mapping[str, CountyLedger]) -> Pro
     )
 
 
-def county_detail(ctx: ViewContext, county: County, ledger: CountyLedger) -> CountyDetail:
+def county_detail(ctx: ViewContext, county: County, ledger: CountyFacts) -> CountyDetail:
     row = ctx.county_row(county, ledger)
     programme = ctx.programme
     details = []
@@ -135,7 +135,7 @@ def _review_name(programme: Programme, kind: str) -> str:
     return review.name if review else kind
 
 
-def overdue_list(ctx: ViewContext, ledgers: Mapping[str, CountyLedger]) -> OverdueList:
+def overdue_list(ctx: ViewContext, ledgers: Mapping[str, CountyFacts]) -> OverdueList:
     table = progress_table(ctx, ledgers)
     titles = {m.milestone_id: m.title for m in table.milestones}
     items = [

@@ -1,9 +1,10 @@
-"""The ledger's view of one county in one programme, folded from its events. Pure.
+"""What a county's events establish, in one programme: the meaning of the event stream. Pure.
 
-What the supervision bureau reads: per milestone the last reported progress, completion and its
-evidence, the granted extension; the reviews and their state; the procedure findings; the
-progress tables filed. A retraction takes the retracted submission's facts out: the county is
-folded again from its events without them (nothing stored is edited).
+Per milestone the last reported progress, completion and its evidence, the granted extension;
+the reviews and their state; the procedure findings; the progress tables filed; trial operation.
+The ledger shows these facts; escalation judges them against deadlines. A retraction takes the
+retracted submission's facts out: the county is folded again from its events without them
+(nothing stored is edited).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class ProgressTableFacts(msgspec.Struct, kw_only=True):
     lines: int
 
 
-class CountyLedger(msgspec.Struct, kw_only=True):
+class CountyFacts(msgspec.Struct, kw_only=True):
     programme_id: str
     county_code: str
     last_sequence: int = 0
@@ -82,19 +83,19 @@ class CountyLedger(msgspec.Struct, kw_only=True):
     retracted: list[str] = msgspec.field(default_factory=list)  # submission ids
 
 
-def new_ledger(programme: Programme, county_code: str) -> CountyLedger:
-    return CountyLedger(
+def new_facts(programme: Programme, county_code: str) -> CountyFacts:
+    return CountyFacts(
         programme_id=programme.id,
         county_code=county_code,
         milestones={m.id: MilestoneFacts(milestone_id=m.id) for m in programme.milestones},
     )
 
 
-def fold(programme: Programme, county_code: str, events: Iterable[tuple[int, EventEnvelope]]) -> CountyLedger:
+def fold(programme: Programme, county_code: str, events: Iterable[tuple[int, EventEnvelope]]) -> CountyFacts:
     """The county's ledger from its events (sequence, envelope) in stream order."""
     history = list(events)
     retracted = {e.payload.retracted_submission_id for _, e in history if isinstance(e.payload, SubmissionRetracted)}
-    ledger = new_ledger(programme, county_code)
+    ledger = new_facts(programme, county_code)
     ledger.retracted = sorted(retracted)
     zone = ZoneInfo(programme.programme.timezone)
     for sequence, envelope in history:
@@ -104,7 +105,7 @@ def fold(programme: Programme, county_code: str, events: Iterable[tuple[int, Eve
     return ledger
 
 
-def apply(programme: Programme, ledger: CountyLedger, sequence: int, envelope: EventEnvelope) -> bool:
+def apply(programme: Programme, ledger: CountyFacts, sequence: int, envelope: EventEnvelope) -> bool:
     """Fold one more event in; False when it is a retraction and the caller must refold."""
     if sequence <= ledger.last_sequence:
         return True  # already applied: a redelivery changes nothing
@@ -116,7 +117,7 @@ def apply(programme: Programme, ledger: CountyLedger, sequence: int, envelope: E
     return True
 
 
-def _apply(ledger: CountyLedger, envelope: EventEnvelope, zone: ZoneInfo) -> None:
+def _apply(ledger: CountyFacts, envelope: EventEnvelope, zone: ZoneInfo) -> None:
     payload = envelope.payload
     on = envelope.occurred_at.astimezone(zone).date()
     match payload:
