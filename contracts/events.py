@@ -11,6 +11,7 @@ versions on read.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +91,47 @@ class ProcedureFindingRecorded(Fields, tag_field="type", tag="procedure_finding_
     detail: str = ""
 
 
+class ActionFields(Fields, frozen=True):
+    """An accountability action and why: the rule, the deadline used, the days counted."""
+
+    action_id: str  # deterministic: programme:county:level:subject[:deadline]
+    level_id: str
+    level_name: str
+    policy_version: str
+    due_on: dt.date  # the day the policy made it due
+    addressed: tuple[str, ...]  # roles, resolved to people through the directory
+    explanation_zh: str
+    missing_zh: str = ""
+    milestone_id: MilestoneId | None = None
+    period: str | None = None  # a progress-table period
+    finding_event_id: str | None = None
+    deadline: dt.date | None = None  # the effective deadline the days are counted from
+    workdays: int = 0  # working days left (before) or overdue (after)
+    urgent: bool = False
+
+
+class ActionIssued(ActionFields, tag_field="type", tag="action_issued", frozen=True):
+    """Issued: the responsible people are told. Confirmed proposals are issued too."""
+
+    confirmed_by: str | None = None
+
+
+class ActionProposed(ActionFields, tag_field="type", tag="action_proposed", frozen=True):
+    """Proposed (通报批评, 约谈, provincial measures): a city operator confirms or waives it."""
+
+
+class ActionConfirmed(Fields, tag_field="type", tag="action_confirmed", frozen=True):
+    action_id: str
+    operator: str
+    note: str = ""
+
+
+class ActionWaived(Fields, tag_field="type", tag="action_waived", frozen=True):
+    action_id: str
+    operator: str
+    reason: str
+
+
 EventPayload = (
     ProgressReported
     | MilestoneCompleted
@@ -101,6 +143,10 @@ EventPayload = (
     | ExtensionDecided
     | SubmissionRetracted
     | ProcedureFindingRecorded
+    | ActionIssued
+    | ActionProposed
+    | ActionConfirmed
+    | ActionWaived
 )
 
 EVENT_TYPES: dict[str, type[Fields]] = {
@@ -116,6 +162,10 @@ EVENT_TYPES: dict[str, type[Fields]] = {
         ExtensionDecided,
         SubmissionRetracted,
         ProcedureFindingRecorded,
+        ActionIssued,
+        ActionProposed,
+        ActionConfirmed,
+        ActionWaived,
     )
 }
 

@@ -16,6 +16,10 @@ from zoneinfo import ZoneInfo
 import msgspec
 
 from contracts.events import (
+    ActionConfirmed,
+    ActionIssued,
+    ActionProposed,
+    ActionWaived,
     EventEnvelope,
     ExtensionDecided,
     ExtensionRequested,
@@ -71,6 +75,20 @@ class ProgressTableFacts(msgspec.Struct, kw_only=True):
     lines: int
 
 
+class ActionFacts(msgspec.Struct, kw_only=True):
+    action_id: str
+    level_id: str
+    level_name: str
+    state: str  # proposed | issued | waived
+    policy_version: str
+    due_on: dt.date
+    milestone_id: str | None = None
+    period: str | None = None
+    explanation_zh: str = ""
+    decided_by: str | None = None  # the operator who confirmed or waived
+    waive_reason: str = ""
+
+
 class CountyFacts(msgspec.Struct, kw_only=True):
     programme_id: str
     county_code: str
@@ -81,6 +99,7 @@ class CountyFacts(msgspec.Struct, kw_only=True):
     progress_tables: dict[str, ProgressTableFacts] = msgspec.field(default_factory=dict)
     trial_started_on: dt.date | None = None
     retracted: list[str] = msgspec.field(default_factory=list)  # submission ids
+    actions: dict[str, ActionFacts] = msgspec.field(default_factory=dict)
 
 
 def new_facts(programme: Programme, county_code: str) -> CountyFacts:
@@ -181,5 +200,28 @@ def _apply(ledger: CountyFacts, envelope: EventEnvelope, zone: ZoneInfo) -> None
                     recorded_at=envelope.recorded_at,
                 )
             )
+        case ActionIssued() | ActionProposed():
+            known = ledger.actions.get(payload.action_id)
+            issued = isinstance(payload, ActionIssued)
+            ledger.actions[payload.action_id] = ActionFacts(
+                action_id=payload.action_id,
+                level_id=payload.level_id,
+                level_name=payload.level_name,
+                state="issued" if issued else "proposed",
+                policy_version=payload.policy_version,
+                due_on=payload.due_on,
+                milestone_id=payload.milestone_id,
+                period=payload.period,
+                explanation_zh=payload.explanation_zh,
+                decided_by=getattr(payload, "confirmed_by", None) or (known.decided_by if known else None),
+            )
+        case ActionConfirmed():
+            action = ledger.actions.get(payload.action_id)
+            if action is not None:
+                action.decided_by = payload.operator
+        case ActionWaived():
+            action = ledger.actions.get(payload.action_id)
+            if action is not None:
+                action.state, action.decided_by, action.waive_reason = "waived", payload.operator, payload.reason
         case _:
             pass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -30,6 +30,15 @@ Period = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$", desc
 
 class Fields(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Base of every message struct: strict (unknown fields refused), immutable."""
+
+
+F = TypeVar("F", bound=Fields)
+
+
+def recorded_as(target: type[F], source: Fields, **extra: Any) -> F:
+    """``source``'s fields under another tag: the event recording a command, an issued proposal."""
+    fields: dict[str, Any] = {name: getattr(source, name) for name in source.__struct_fields__}
+    return target(**fields, **extra)
 
 
 class Document(Fields, frozen=True):

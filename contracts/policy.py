@@ -48,6 +48,7 @@ class Level(PolicySpec, frozen=True, kw_only=True):
     confirm: bool = False  # proposed, issued only when a city operator confirms
     urgent: bool = False  # may be sent in quiet hours
     milestones: tuple[str, ...] = ()  # only these milestones (empty: all)
+    offence: bool = False  # once issued, counts towards the second-offence rule
 
 
 class Policy(PolicySpec, frozen=True, kw_only=True):

@@ -169,6 +169,21 @@ class Programme(Spec, frozen=True):
     def milestones_completed_by(self, how: str) -> tuple[Milestone, ...]:
         return tuple(m for m in self.milestones if m.completed_by == how)
 
+    def reporting_periods(self) -> list[str]:
+        """The progress-table periods, "YYYY-MM", first to last."""
+        year, month = int(self.progress_table.first_period[:4]), int(self.progress_table.first_period[5:])
+        periods = []
+        while f"{year:04d}-{month:02d}" <= self.progress_table.last_period:
+            periods.append(f"{year:04d}-{month:02d}")
+            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+        return periods
+
+    def progress_table_due(self, period: str) -> dt.date:
+        """The day a period's table is due: the set day of the following month."""
+        year, month = int(period[:4]), int(period[5:])
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+        return dt.date(year, month, self.progress_table.due_day_of_following_month)
+
 
 class ProgrammeFileError(DataFileError):
     """A programme or directory file that cannot be used; says where and what."""

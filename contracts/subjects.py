@@ -47,6 +47,11 @@ def aggregate_subject(programme_id: str, county_code: str) -> str:
     return f"{EVENTS_PREFIX}.{programme_id}.{county_code}"
 
 
+def actions_subject(programme_id: str, county_code: str) -> str:
+    """Escalation's actions about a county: beside its facts, in the same stream."""
+    return f"{EVENTS_PREFIX}.{programme_id}.{county_code}.actions"
+
+
 def refusal_subject(role_token: str, county_token: str) -> str:
     return f"{REFUSALS_PREFIX}.{role_token}.{county_token}"
 

@@ -15,7 +15,6 @@ import copy
 import datetime as dt
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from contracts.commands import (
@@ -46,13 +45,11 @@ from contracts.events import (
     SubmissionRetracted,
     TrialOperationStarted,
 )
-from contracts.payloads import Document, ExtensionOutcome, Fields, ReviewOutcome
+from contracts.payloads import Document, ExtensionOutcome, ReviewOutcome, recorded_as
 from contracts.programme import Decider, Programme
 from contracts.replies import Refused, refused
 from services.submissions.procedure import Trigger, breaches
 from services.submissions.record import CountyRecord, Facts, StoredSubmission, fold_fact
-
-E = TypeVar("E", bound=Fields)
 
 # How far ahead of our clock a sender's clock may run before its time counts as "future".
 CLOCK_SKEW = dt.timedelta(minutes=5)
@@ -412,9 +409,3 @@ class _Context:
         elif not command.reason:
             raise self.refuse(ErrorCode.MALFORMED, "$.command.reason", "a refusal needs a reason")
         yield recorded_as(ExtensionDecided, command)
-
-
-def recorded_as(event_type: type[E], command: Fields) -> E:
-    """The event recording a command: the same field set under the event's tag."""
-    fields: dict[str, Any] = {name: getattr(command, name) for name in command.__struct_fields__}
-    return event_type(**fields)

@@ -233,6 +233,33 @@ ONE_OF_EACH: list[EventPayload] = [
         milestone_id="1.3",
         detail="截至2017-06-10未见“招标文件预审”通过记录",
     ),
+    ev.ActionIssued(
+        action_id="puyang-2017-13:410922:overdue_notice:1.2:2017-05-02",
+        level_id="overdue_notice",
+        level_name="逾期通知",
+        policy_version="2017.1",
+        due_on=dt.date(2017, 5, 3),
+        addressed=("responsible_person", "unit_leader"),
+        explanation_zh="里程碑1.2《建设方案通过评审》完成时限2017年4月30日，已逾期1个工作日。",
+        milestone_id="1.2",
+        deadline=dt.date(2017, 5, 2),
+        workdays=1,
+        urgent=True,
+    ),
+    ev.ActionProposed(
+        action_id="puyang-2017-13:410922:missed_table_criticism:2017-03",
+        level_id="missed_table_criticism",
+        level_name="未按时报送督查进度一览表通报批评",
+        policy_version="2017.1",
+        due_on=dt.date(2017, 4, 6),
+        addressed=("responsible_person",),
+        explanation_zh="2017年3月督查进度一览表应于2017年4月5日前报送。",
+        period="2017-03",
+    ),
+    ev.ActionConfirmed(action_id="puyang-2017-13:410922:missed_table_criticism:2017-03", operator="市督查局张三"),
+    ev.ActionWaived(
+        action_id="puyang-2017-13:410922:public_criticism:1.1:2017-03-31", operator="市督查局张三", reason="已批准延期"
+    ),
 ]
 
 

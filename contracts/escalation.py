@@ -1,0 +1,74 @@
+"""Escalation's operations subjects: list actions, confirm or waive a proposal, ask why.
+
+Request-reply on ``duban.ops.escalation.*`` (city operators and ops may publish there).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from contracts.identifiers import CountyCode, ProgrammeId
+from contracts.payloads import Fields
+
+OPS_PREFIX = "duban.ops.escalation"
+ACTIONS_SUBJECT = f"{OPS_PREFIX}.actions"
+CONFIRM_SUBJECT = f"{OPS_PREFIX}.confirm"
+WAIVE_SUBJECT = f"{OPS_PREFIX}.waive"
+WHY_SUBJECT = f"{OPS_PREFIX}.why"
+TICK_SUBJECT = f"{OPS_PREFIX}.tick"
+ESCALATION_SERVICE = "duban-escalation"
+
+
+class ActionsQuery(Fields, frozen=True):
+    programme_id: ProgrammeId | None = None
+    county_code: CountyCode | None = None
+    state: str | None = None  # proposed | issued | waived
+
+
+class ConfirmAction(Fields, frozen=True):
+    action_id: str
+    operator: str
+    note: str = ""
+
+
+class WaiveAction(Fields, frozen=True):
+    action_id: str
+    operator: str
+    reason: str
+
+
+class WhyQuery(Fields, frozen=True):
+    action_id: str
+
+
+class ActionView(Fields, frozen=True):
+    action_id: str
+    programme_id: str
+    county_code: str
+    level_id: str
+    level_name: str
+    state: str
+    due_on: dt.date
+    policy_version: str
+    explanation_zh: str
+    milestone_id: str | None = None
+    period: str | None = None
+    decided_by: str | None = None
+    waive_reason: str = ""
+
+
+class ActionList(Fields, frozen=True):
+    items: tuple[ActionView, ...]
+
+
+class TickReport(Fields, frozen=True):
+    judged_on: dt.date
+    counties: int
+    new_actions: int
+
+
+class OpsError(Fields, frozen=True):
+    code: str  # bad_request | unknown_action | not_proposed | unavailable
+    message_zh: str
+    message_en: str
+    detail: str = ""

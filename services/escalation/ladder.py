@@ -1,0 +1,263 @@
+"""The accountability ladder: which actions are due for a county today, and why. Pure.
+
+(county's facts, policies, working-day calendar, today) → new actions. Every action has a
+deterministic id, so judging the same facts again — twice, after a restart, in a replay —
+yields nothing new. Completion stops a milestone's ladder; a granted extension moves it (the
+deadline is part of the id, so the new deadline gets its own reminders); a retraction re-opens it
+(the facts are folded without the retracted submission).
+
+A milestone is judged under the policy version of its first action: a later policy file does
+not change the rules half-way up a ladder, unless an operator records a migration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from contracts.events import ActionIssued, ActionProposed
+from contracts.facts import CountyFacts
+from contracts.policy import Level, Policy, Trigger
+from contracts.programme import Milestone, Programme
+from contracts.workdays import WorkdayCalendar
+
+
+@dataclass(frozen=True)
+class Judge:
+    """How a county is judged: the programme, the policies by version, the current one, the calendar."""
+
+    programme: Programme
+    policies: Mapping[str, Policy]
+    current: Policy
+    calendar: WorkdayCalendar
+
+    def policy_for(self, facts: CountyFacts, milestone_id: str | None) -> Policy:
+        pinned = next(
+            (a.policy_version for a in facts.actions.values() if milestone_id and a.milestone_id == milestone_id),
+            None,
+        )
+        return self.policies.get(pinned, self.current) if pinned else self.current
+
+    def deadline(self, policy: Policy, day: dt.date) -> dt.date:
+        return self.calendar.next_workday(day) if policy.roll_rest_day_deadlines else day
+
+
+def due_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> list[ActionIssued | ActionProposed]:
+    """The actions due today that are not on record yet, in a stable order."""
+    found: dict[str, ActionIssued | ActionProposed] = {}
+    for action in _all_due(judge, facts, today):
+        if action.action_id not in facts.actions and action.action_id not in found:
+            found[action.action_id] = action
+    return sorted(found.values(), key=lambda a: (a.due_on, a.action_id))
+
+
+def _all_due(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterator[ActionIssued | ActionProposed]:
+    for milestone in judge.programme.milestones:
+        yield from _milestone_actions(judge, facts, milestone, today)
+    yield from _progress_table_actions(judge, facts, today)
+    yield from _finding_actions(judge, facts, today)
+    yield from _second_offence_actions(judge, facts, today)
+
+
+def _make(level: Level, policy: Policy, fields: dict[str, object]) -> ActionIssued | ActionProposed:
+    common = {
+        "level_id": level.id,
+        "level_name": level.name,
+        "policy_version": policy.version,
+        "addressed": tuple(role.value for role in level.addressed),
+        "urgent": level.urgent,
+        **fields,
+    }
+    return ActionProposed(**common) if level.confirm else ActionIssued(**common)  # type: ignore[arg-type]
+
+
+def _action_id(judge: Judge, facts: CountyFacts, *parts: str) -> str:
+    return ":".join((judge.programme.id, facts.county_code, *parts))
+
+
+def _milestone_actions(
+    judge: Judge, facts: CountyFacts, milestone: Milestone, today: dt.date
+) -> Iterator[ActionIssued | ActionProposed]:
+    state = facts.milestones[milestone.id]
+    if state.completed_on is not None:
+        return  # completion stops the ladder
+    policy = judge.policy_for(facts, milestone.id)
+    ledger_deadline = state.extended_deadline or milestone.deadline
+    deadline = judge.deadline(policy, ledger_deadline)
+    cal = judge.calendar
+    for level in policy.levels:
+        if level.milestones and milestone.id not in level.milestones:
+            continue
+        if level.trigger is Trigger.BEFORE_DEADLINE:
+            due_on = cal.add_workdays(deadline, -level.workdays)
+            if not due_on <= today <= deadline:
+                continue
+            workdays = cal.workdays_between(today, deadline)
+        elif level.trigger in (Trigger.AFTER_DEADLINE, Trigger.PROGRAMME_FAILED):
+            due_on = cal.add_workdays(deadline, level.workdays)
+            if today < due_on:
+                continue
+            workdays = cal.workdays_between(deadline, today)
+        else:
+            continue
+        yield _make(
+            level,
+            policy,
+            {
+                "action_id": _action_id(judge, facts, level.id, milestone.id, deadline.isoformat()),
+                "due_on": due_on,
+                "milestone_id": milestone.id,
+                "deadline": deadline,
+                "workdays": workdays,
+                "missing_zh": _missing(judge.programme, milestone),
+                "explanation_zh": _explain_milestone(
+                    judge.programme,
+                    milestone,
+                    level,
+                    policy,
+                    ledger_deadline,
+                    deadline,
+                    today,
+                    workdays,
+                    extended=state.extended_deadline is not None,
+                ),
+            },
+        )
+
+
+def _progress_table_actions(
+    judge: Judge, facts: CountyFacts, today: dt.date
+) -> Iterator[ActionIssued | ActionProposed]:
+    policy = judge.current
+    for level in policy.levels:
+        if level.trigger is not Trigger.MISSED_PROGRESS_TABLE:
+            continue
+        for period in judge.programme.reporting_periods():
+            due = judge.deadline(policy, judge.programme.progress_table_due(period))
+            due_on = judge.calendar.add_workdays(due, level.workdays)
+            if today < due_on:
+                break  # periods are in order: later ones are not due either
+            filed = facts.progress_tables.get(period)
+            if filed is not None and filed.filed_on <= due:
+                continue
+            late = f"于{_zh(filed.filed_on)}逾期报送" if filed else "截至目前仍未报送"
+            yield _make(
+                level,
+                policy,
+                {
+                    "action_id": _action_id(judge, facts, level.id, period),
+                    "due_on": due_on,
+                    "period": period,
+                    "deadline": due,
+                    "workdays": judge.calendar.workdays_between(due, today),
+                    "missing_zh": f"{period}督查进度一览表",
+                    "explanation_zh": (
+                        f"{_period_zh(period)}督查进度一览表应于{_zh(due)}前报送，{late}，"
+                        f"依据督办政策{policy.version}“{level.name}”，{_confirm_zh(level)}"
+                    ),
+                },
+            )
+
+
+def _finding_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterator[ActionIssued | ActionProposed]:
+    policy = judge.current
+    zone = ZoneInfo(judge.programme.programme.timezone)
+    for level in policy.levels:
+        if level.trigger is not Trigger.PROCEDURE_FINDING:
+            continue
+        for finding in facts.findings:
+            found_on = finding.recorded_at.astimezone(zone).date()
+            if found_on > today:
+                continue
+            milestone = judge.programme.milestone(finding.milestone_id or "")
+            about = f"里程碑{milestone.id}《{milestone.title}》" if milestone else ""
+            yield _make(
+                level,
+                policy,
+                {
+                    "action_id": _action_id(judge, facts, level.id, finding.event_id.replace("/", ".")),
+                    "due_on": found_on,
+                    "milestone_id": finding.milestone_id,
+                    "finding_event_id": finding.event_id,
+                    "explanation_zh": (
+                        f"{about}程序问题：{finding.finding_zh}（{finding.detail}）。{_confirm_zh(level)}"
+                    ),
+                },
+            )
+
+
+def _second_offence_actions(
+    judge: Judge, facts: CountyFacts, today: dt.date
+) -> Iterator[ActionIssued | ActionProposed]:
+    policy = judge.current
+    offence_levels = {lv.id for lv in policy.levels if lv.offence}
+    offences = sorted(
+        (a for a in facts.actions.values() if a.level_id in offence_levels and a.state == "issued"),
+        key=lambda a: (a.due_on, a.action_id),
+    )
+    for level in policy.levels:
+        if level.trigger is not Trigger.SECOND_OFFENCE:
+            continue
+        for nth, offence in enumerate(offences[1:], start=2):
+            yield _make(
+                level,
+                policy,
+                {
+                    "action_id": _action_id(judge, facts, level.id, offence.action_id.split(":", 2)[-1]),
+                    "due_on": offence.due_on,
+                    "milestone_id": offence.milestone_id,
+                    "period": offence.period,
+                    "explanation_zh": (
+                        f"该县已第{nth}次被{offence.level_name}（{offence.explanation_zh.split('，')[0]}），"
+                        f"依据督办政策{policy.version}“{level.name}”，{_confirm_zh(level)}"
+                    ),
+                },
+            )
+
+
+# -- explanations --------------------------------------------------------------------------------
+def _zh(day: dt.date) -> str:
+    return f"{day.year}年{day.month}月{day.day}日"
+
+
+def _period_zh(period: str) -> str:
+    return f"{period[:4]}年{int(period[5:])}月"
+
+
+def _confirm_zh(level: Level) -> str:
+    return "拟予提出，待市级确认后发出。" if level.confirm else "现予发出。"
+
+
+def _missing(programme: Programme, milestone: Milestone) -> str:
+    if milestone.completed_by.startswith("review:"):
+        review = programme.review(milestone.completed_by.removeprefix("review:"))
+        return f"“{review.name if review else milestone.completed_by}”通过记录"
+    if milestone.completed_by == "trial_operation_started":
+        return "系统试运行开始报告"
+    return "完成报告及佐证材料"
+
+
+def _explain_milestone(
+    programme: Programme,
+    milestone: Milestone,
+    level: Level,
+    policy: Policy,
+    ledger_deadline: dt.date,
+    deadline: dt.date,
+    today: dt.date,
+    workdays: int,
+    *,
+    extended: bool,
+) -> str:
+    text = f"里程碑{milestone.id}《{milestone.title}》完成时限{_zh(ledger_deadline)}"
+    if extended:
+        text += f"（已批准延期，原时限{_zh(milestone.deadline)}）"
+    if deadline != ledger_deadline:
+        text += f"（遇休息日顺延至{_zh(deadline)}）"
+    if level.trigger is Trigger.BEFORE_DEADLINE:
+        text += f"，截至{_zh(today)}距截止还有{workdays}个工作日，尚未收到{_missing(programme, milestone)}。"
+    else:
+        text += f"，截至{_zh(today)}已逾期{workdays}个工作日，未收到{_missing(programme, milestone)}。"
+    return text + f"依据督办政策{policy.version}“{level.name}”，{_confirm_zh(level)}"
