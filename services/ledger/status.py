@@ -70,24 +70,8 @@ def milestone_status(
     )
 
 
-def progress_table_due(programme: Programme, period: str) -> dt.date:
-    year, month = int(period[:4]), int(period[5:])
-    year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-    return dt.date(year, month, programme.progress_table.due_day_of_following_month)
-
-
-def reporting_periods(programme: Programme) -> list[str]:
-    first, last = programme.progress_table.first_period, programme.progress_table.last_period
-    year, month = int(first[:4]), int(first[5:])
-    periods = []
-    while f"{year:04d}-{month:02d}" <= last:
-        periods.append(f"{year:04d}-{month:02d}")
-        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-    return periods
-
-
 def period_status(programme: Programme, ledger: CountyFacts, period: str, today: dt.date) -> PeriodStatus:
-    due = progress_table_due(programme, period)
+    due = programme.progress_table_due(period)
     filed = ledger.progress_tables.get(period)
     if filed is not None and filed.filed_on <= today:
         return PeriodStatus.ON_TIME if filed.filed_on <= due else PeriodStatus.LATE

@@ -26,7 +26,7 @@ from contracts.ledger import (
 )
 from contracts.programme import County, Programme
 from contracts.workdays import WorkdayCalendar
-from services.ledger.status import LightSettings, milestone_status, period_status, reporting_periods
+from services.ledger.status import LightSettings, milestone_status, period_status
 
 
 class ViewContext:
@@ -54,7 +54,7 @@ class ViewContext:
             milestones=statuses,
             progress_tables={
                 period: period_status(self.programme, ledger, period, self.today)
-                for period in reporting_periods(self.programme)
+                for period in self.programme.reporting_periods()
             },
             open_findings=len(ledger.findings),
         )
