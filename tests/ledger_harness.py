@@ -19,7 +19,7 @@ from contracts.ledger import QueryError
 from contracts.workdays import WorkdayCalendar
 from services.common.clock import SimulatedClock
 from services.common.postgres import create_pool
-from services.ledger.consumer import run_live
+from services.ledger.consumer import supervise_live
 from services.ledger.projection import LedgerProjection, migrate
 from services.ledger.queries import LedgerReader
 from services.ledger.service import LedgerQueries, start_service
@@ -78,7 +78,7 @@ async def start_ledger(nats_url: str, dsn: str, clock: SimulatedClock) -> Ledger
     queries = LedgerQueries(LedgerReader(pool), {PROGRAMME.id: PROGRAMME}, clock, CALENDAR, LightSettings())
     await start_service(nc, queries, {}, "0.0.0-test")
     stop = asyncio.Event()
-    task = asyncio.create_task(run_live(nc.jetstream(), projection, stop))
+    task = asyncio.create_task(supervise_live(nc.jetstream(), projection, stop))
     return Ledger(nc, pool, projection, stop, task)
 
 

@@ -13,6 +13,8 @@ from typing import Annotated, TypeVar
 
 import msgspec
 import typer
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from rich.console import Console
 
 from contracts.commands import Role
@@ -99,9 +101,17 @@ async def _submit(settings: Settings, body: bytes, role: Role, county: str, user
     runtime = client_runtime(settings)
     name = user or (f"county-{county}" if role is Role.COUNTY else role.value)
     nc = await runtime.connect_as(name, role=role, county_code=county if role is Role.COUNTY else None)
+    subject = submit_subject(role, county)
     try:
-        msg = await nc.request(submit_subject(role, county), body, timeout=timeout)
+        msg = await nc.request(subject, body, timeout=timeout)
         return decode_reply(msg.data)
+    except (NatsTimeoutError, NoRespondersError):
+        err.print(
+            f"[red]no answer on {subject}[/] within {timeout:g} s: either the NATS server refused user "
+            f"{name!r} to publish there (each county may post only on its own subject), or the "
+            "submissions service is not running."
+        )
+        raise typer.Exit(2) from None
     finally:
         await nc.close()
 
@@ -178,6 +188,9 @@ async def _ask(settings: Settings, subject: str, query: dict[str, object], user:
         msg = await nc.request(
             subject, msgspec.json.encode({k: v for k, v in query.items() if v is not None}), timeout=30
         )
+    except (NatsTimeoutError, NoRespondersError):
+        err.print(f"[red]no answer on {subject}[/]: is `duban up` running, and is NATS_URL right ({runtime.nats_url})?")
+        raise typer.Exit(2) from None
     finally:
         await nc.close()
     return msg.data, bool(msg.headers and msg.headers.get("Nats-Service-Error-Code"))
@@ -203,7 +216,8 @@ def _show(answer: msgspec.Struct, view: object, as_json: bool) -> None:
     if as_json:
         console.print_json(msgspec.json.encode(answer).decode())
     else:
-        console.print(view)
+        # The table has a column per county: give it room even on a narrow terminal or a pipe.
+        Console(width=max(console.width, 160)).print(view)
 
 
 @app.command()

@@ -85,7 +85,11 @@ async def connect(
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", connection=name, error=str(exc))
 
+    client: list[NatsClient] = []
+
     async def on_disconnected() -> None:
+        if client and (client[0].is_closed or client[0].is_draining):
+            return  # our own close, not a fault
         log.warning("nats disconnected", connection=name)
 
     async def on_reconnected() -> None:
@@ -104,4 +108,6 @@ async def connect(
         options["user"], options["password"] = user, password
     if inbox_prefix is not None:
         options["inbox_prefix"] = inbox_prefix
-    return await nats.connect(url, **options)
+    nc = await nats.connect(url, **options)
+    client.append(nc)
+    return nc

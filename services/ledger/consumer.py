@@ -32,6 +32,27 @@ FETCH_BATCH = 1000
 REBUILD_BATCH = 5000
 
 
+async def supervise_live(
+    js: JetStreamContext,
+    projection: LedgerProjection,
+    stop: asyncio.Event,
+    pause: asyncio.Lock | None = None,
+) -> None:
+    """Keep the live consumer running: an unexpected failure is logged and the loop restarted
+    from the checkpoint, so the ledger never silently stops following the stream."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await run_live(js, projection, stop, pause)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("ledger consumer failed; restarting from the checkpoint", retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 10.0)
+
+
 async def run_live(
     js: JetStreamContext,
     projection: LedgerProjection,
@@ -61,6 +82,8 @@ async def run_live(
         try:
             messages = await sub.fetch(FETCH_BATCH, timeout=0.5)
         except (NatsTimeoutError, TimeoutError):
+            continue
+        if not messages:  # a status message (e.g. a pull request expiring) carries no events
             continue
         batch = [StoredMessage(m.metadata.sequence.stream, m.data) for m in messages]
         delay = 0.2

@@ -17,7 +17,7 @@ from services.common.clock import Clock
 from services.common.jetstream import ensure_streams
 from services.common.postgres import create_pool
 from services.common.runtime import Runtime
-from services.ledger.consumer import read_stream, run_live
+from services.ledger.consumer import read_stream, supervise_live
 from services.ledger.projection import LedgerProjection, migrate
 from services.ledger.queries import LedgerReader
 from services.ledger.service import LedgerQueries, start_service
@@ -66,7 +66,7 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
         service = await start_service(
             nc, queries, {REBUILD_SUBJECT: rebuild, PROJECTION_STATUS_SUBJECT: status}, version("duban")
         )
-        consumer = asyncio.create_task(run_live(js, projection, stop, pause))
+        consumer = asyncio.create_task(supervise_live(js, projection, stop, pause))
         log.info("ledger service serving")
         if ready is not None:
             ready.set()

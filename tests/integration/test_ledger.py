@@ -3,6 +3,7 @@ history, rebuild equal to live processing, and a database outage that delays but
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import openpyxl
 import pytest
+import structlog
 
 from contracts.commands import Role
 from contracts.ledger import (
@@ -286,3 +288,16 @@ async def test_postgres_outage_delays_events_but_loses_none(harness: Harness, na
             assert checkpoint == info.state.last_seq
         finally:
             await stop_ledger(own)
+
+
+async def test_ledger_keeps_following_after_idle_periods(harness: Harness, ledger: Ledger) -> None:
+    # An idle pull consumer sees its pull requests expire (status messages, empty fetches);
+    # the ledger must still apply what comes afterwards.
+    with structlog.testing.capture_logs() as logs:
+        await accepted(harness, {"kind": "report_progress", "milestone_id": "1.1", "percent": 10})
+        await ledger.caught_up(harness)
+        await asyncio.sleep(3)
+        await accepted(harness, {"kind": "report_progress", "milestone_id": "1.1", "percent": 20})
+        await ledger.caught_up(harness, timeout=5)
+    assert not ledger.task.done()
+    assert [e for e in logs if e["log_level"] in ("error", "critical")] == []
