@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import typer
-from nats.errors import NoRespondersError
+from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from rich.console import Console
 
@@ -92,7 +93,7 @@ def submit(
     """Post a submission as a county system (or operator) would, and print the reply."""
     settings = _settings()
     body = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
-    reply = asyncio.run(_submit(settings, body, role, county, user, timeout))
+    reply = _run(_submit(settings, body, role, county, user, timeout))
     console.print_json(msgspec.json.encode(reply).decode())
     raise typer.Exit(0 if isinstance(reply, Accepted) else 1)
 
@@ -123,7 +124,7 @@ def refusals(
 ) -> None:
     """List refused submissions (newest last), as kept in the refusals stream."""
     settings = _settings()
-    records = asyncio.run(_refusals(settings, county, limit))
+    records = _run(_refusals(settings, county, limit))
     for seq, record in records:
         r = record.refusal
         console.print(
@@ -196,15 +197,29 @@ async def _ask(settings: Settings, subject: str, query: dict[str, object], user:
     return msg.data, bool(msg.headers and msg.headers.get("Nats-Service-Error-Code"))
 
 
-def _query(subject: str, answer_type: type[T], query: dict[str, object], user: str | None = None) -> T:
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a client coroutine; a NATS server that cannot be reached is a clear error."""
+    try:
+        return asyncio.run(coro)
+    except (NoServersError, OSError) as exc:
+        err.print(f"[red]cannot reach NATS[/] ({exc}): is `duban up` running, and is NATS_URL right?")
+        raise typer.Exit(2) from None
+
+
+def _query_bytes(subject: str, query: dict[str, object], user: str | None = None) -> bytes:
+    """Ask a query subject; a QueryError answer is printed and ends the command."""
     from contracts.ledger import QueryError
 
-    data, failed = asyncio.run(_ask(_settings(), subject, query, user))
+    data, failed = _run(_ask(_settings(), subject, query, user))
     if failed:
         error = msgspec.json.decode(data, type=QueryError)
         err.print(f"[red]{error.code}[/]: {error.message_zh} / {error.message_en} {error.detail}")
         raise typer.Exit(1)
-    return msgspec.json.decode(data, type=answer_type)
+    return data
+
+
+def _query(subject: str, answer_type: type[T], query: dict[str, object], user: str | None = None) -> T:
+    return msgspec.json.decode(_query_bytes(subject, query, user), type=answer_type)
 
 
 AsOf = Annotated[str | None, typer.Option("--as-of", help="A date (end of that day) or date-time, Asia/Shanghai.")]
@@ -271,15 +286,9 @@ def report(
     programme: Programme = None,
 ) -> None:
     """Export the 督查进度一览表 as an Excel file."""
-    from contracts.ledger import REPORT_SUBJECT, QueryError
+    from contracts.ledger import REPORT_SUBJECT
 
-    data, failed = asyncio.run(
-        _ask(_settings(), REPORT_SUBJECT, {"as_of": _as_of(as_of), "programme_id": programme}, None)
-    )
-    if failed:
-        error = msgspec.json.decode(data, type=QueryError)
-        err.print(f"[red]{error.code}[/]: {error.message_zh} / {error.message_en} {error.detail}")
-        raise typer.Exit(1)
+    data = _query_bytes(REPORT_SUBJECT, {"as_of": _as_of(as_of), "programme_id": programme})
     xlsx.write_bytes(data)
     console.print(f"wrote {xlsx} ({len(data)} bytes)")
 

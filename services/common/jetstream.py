@@ -79,8 +79,10 @@ async def connect(
     password: str | None = None,
     inbox_prefix: str | None = None,
     connect_timeout: float = 5.0,
+    reconnect_attempts: int = -1,
 ) -> NatsClient:
-    """A connection that reconnects by itself and reports problems in the log."""
+    """A connection that reconnects by itself (``-1``: forever, for services) and reports
+    problems in the log. A command-line client passes a small number to fail fast."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", connection=name, error=str(exc))
@@ -98,7 +100,7 @@ async def connect(
     options: dict[str, Any] = {
         "name": name,
         "connect_timeout": connect_timeout,
-        "max_reconnect_attempts": -1,
+        "max_reconnect_attempts": reconnect_attempts,
         "reconnect_time_wait": 0.5,
         "error_cb": on_error,
         "disconnected_cb": on_disconnected,

@@ -46,6 +46,7 @@ class Runtime:
     programmes: dict[str, Programme]
     nats_url: str
     database_url: str | None
+    reconnect_attempts: int = -1  # services: forever; the CLI: a few, then a clear error
 
     def password(self, user: str) -> str | None:
         return natsauth.load_password(user, self.settings.secrets_dir)
@@ -59,13 +60,14 @@ class Runtime:
             user=user if password is not None else None,
             password=password,
             inbox_prefix=inbox_prefix(role, county_code) if role is not None else None,
+            reconnect_attempts=self.reconnect_attempts,
         )
 
 
 def client_runtime(settings: Settings) -> Runtime:
     """For the CLI: where a running `duban up` (or the configured servers) can be reached."""
     url = settings.nats_url or f"nats://127.0.0.1:{settings.embedded_nats_port}"
-    return Runtime(settings, load_programmes(settings), url, settings.database_url)
+    return Runtime(settings, load_programmes(settings), url, settings.database_url, reconnect_attempts=1)
 
 
 @asynccontextmanager
