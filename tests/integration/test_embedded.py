@@ -226,8 +226,21 @@ async def test_three_node_cluster(tmp_path: Path) -> None:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.2)
-            ack = await js.publish("r3.a", b"replicated")
-            info = await js.stream_info("R3")
+            # A stream's own leader and peers come after its creation is acknowledged; under load
+            # that takes a moment, so wait for them (bounded) instead of asserting at once.
+            ack = None
+            while ack is None:
+                try:
+                    ack = await js.publish("r3.a", b"replicated", headers={"Nats-Msg-Id": "r3-1"})
+                except (nats.js.errors.Error, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            while True:
+                info = await js.stream_info("R3")
+                if (info.cluster is not None and len(info.cluster.replicas or []) == 2) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
             assert info.cluster is not None
             assert len(info.cluster.replicas or []) == 2
             assert ack.seq == 1
