@@ -16,8 +16,10 @@ import structlog
 from nats.aio.client import Client as NatsClient
 
 from contracts.commands import Role
+from contracts.policy import Policy, load_default_policy, load_policy
 from contracts.programme import Programme, load_default_programme, load_programme
 from contracts.subjects import inbox_prefix
+from contracts.workdays import WorkdayCalendar
 from services.common import natsauth
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
 from services.common.jetstream import connect
@@ -38,6 +40,11 @@ def load_programmes(settings: Settings) -> dict[str, Programme]:
             raise ValueError(f"programme {programme.id!r} is configured twice")
         programmes[programme.id] = programme
     return programmes
+
+
+def load_policy_and_calendar(settings: Settings) -> tuple[Policy, WorkdayCalendar]:
+    policy = load_policy(settings.policy_file) if settings.policy_file else load_default_policy()
+    return policy, WorkdayCalendar.official(settings.calendar_files)
 
 
 @dataclass

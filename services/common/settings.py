@@ -26,10 +26,10 @@ class Settings:
     # NATS user this process connects as (services: svc-<name>; CLI: per command).
     nats_user: str | None = None
     embedded_nats_port: int = 4333
-    # Traffic light: yellow this many working days before a deadline; a deadline on a rest day
-    # rolls to the next working day (stated in every table and export).
-    due_soon_workdays: int = 5
-    roll_rest_day_deadlines: bool = True
+    # The escalation policy (ladder, rest-day roll, due-soon threshold); empty: the shipped one.
+    policy_file: Path | None = None
+    # Operator year files for the working-day calendar, beyond the years chinesecalendar knows.
+    calendar_files: tuple[Path, ...] = ()
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -45,8 +45,8 @@ class Settings:
             stream_replicas=int(env.get("DUBAN_STREAM_REPLICAS", "1")),
             nats_user=env.get("DUBAN_NATS_USER") or None,
             embedded_nats_port=int(env.get("DUBAN_EMBEDDED_NATS_PORT", "4333")),
-            due_soon_workdays=int(env.get("DUBAN_DUE_SOON_WORKDAYS", "5")),
-            roll_rest_day_deadlines=env.get("DUBAN_ROLL_REST_DAY_DEADLINES", "true").lower() in ("1", "true", "yes"),
+            policy_file=Path(env["DUBAN_POLICY"]) if env.get("DUBAN_POLICY") else None,
+            calendar_files=tuple(Path(p) for p in env.get("DUBAN_CALENDARS", "").split(os.pathsep) if p),
         )
 
     @property

@@ -12,11 +12,10 @@ from nats.micro.request import Request
 
 from contracts.ledger import PROJECTION_STATUS_SUBJECT, REBUILD_SUBJECT, ProjectionStatus, RebuildReport
 from contracts.subjects import EVENTS_STREAM
-from contracts.workdays import WorkdayCalendar
 from services.common.clock import Clock
 from services.common.jetstream import ensure_streams
 from services.common.postgres import create_pool
-from services.common.runtime import Runtime
+from services.common.runtime import Runtime, load_policy_and_calendar
 from services.ledger.consumer import read_stream, supervise_live
 from services.ledger.projection import LedgerProjection, migrate
 from services.ledger.queries import LedgerReader
@@ -39,11 +38,11 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
         await ensure_streams(js, runtime.settings.stream_replicas)
         projection = LedgerProjection(pool, runtime.programmes)
         reader = LedgerReader(pool)
+        policy, calendar = load_policy_and_calendar(runtime.settings)
         settings = LightSettings(
-            due_soon_workdays=runtime.settings.due_soon_workdays,
-            roll_rest_day_deadlines=runtime.settings.roll_rest_day_deadlines,
+            due_soon_workdays=policy.due_soon_workdays, roll_rest_day_deadlines=policy.roll_rest_day_deadlines
         )
-        queries = LedgerQueries(reader, runtime.programmes, clock, WorkdayCalendar.official(), settings)
+        queries = LedgerQueries(reader, runtime.programmes, clock, calendar, settings)
         pause = asyncio.Lock()
 
         async def rebuild(request: Request) -> None:
