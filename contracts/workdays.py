@@ -72,8 +72,34 @@ class YearDays:
 
 
 class WorkdayCalendar:
+    """Working-day arithmetic in O(1): a cumulative count of working days over every known day.
+
+    ``_count[i]`` is the number of working days from the first known day up to and including
+    day ``i``; ``_workdays[k]`` is the k-th working day. A day in a year with no data raises.
+    """
+
     def __init__(self, years: Iterable[YearDays]) -> None:
         self._years = {y.year: y for y in years}
+        if not self._years:
+            self._first = dt.date(1970, 1, 1)
+            self._count: list[int] = []
+            self._workdays: list[dt.date] = []
+            return
+        first_year, last_year = min(self._years), max(self._years)
+        self._first = dt.date(first_year, 1, 1)
+        count, total = [], 0
+        workdays = []
+        day = self._first
+        end = dt.date(last_year, 12, 31)
+        while day <= end:
+            year = self._years.get(day.year)
+            working = year is not None and _is_workday(year, day)
+            if working:
+                total += 1
+                workdays.append(day)
+            count.append(total)
+            day += _ONE_DAY
+        self._count, self._workdays = count, workdays
 
     @classmethod
     def official(cls, year_files: Iterable[Path] = ()) -> WorkdayCalendar:
@@ -97,38 +123,51 @@ class WorkdayCalendar:
             raise CalendarYearMissing(year, self._years)
         return found
 
+    def _index(self, day: dt.date) -> int:
+        self._year(day.year)  # a year with no data is an error, never a guess
+        return (day - self._first).days
+
+    def _check_span(self, start: dt.date, end: dt.date) -> None:
+        for year in range(min(start.year, end.year), max(start.year, end.year) + 1):
+            self._year(year)
+
+    def _nth(self, k: int, towards: dt.date) -> dt.date:
+        if 0 <= k < len(self._workdays):
+            return self._workdays[k]
+        beyond = max(self._years) + 1 if k >= 0 else min(self._years) - 1
+        raise CalendarYearMissing(beyond if towards.year in self._years else towards.year, self._years)
+
     def is_workday(self, day: dt.date) -> bool:
-        year = self._year(day.year)
-        if day.weekday() >= 5:
-            return day in year.working_weekend_days
-        return day not in year.rest_weekdays
+        i = self._index(day)
+        return self._count[i] - (self._count[i - 1] if i else 0) == 1
 
     def next_workday(self, day: dt.date) -> dt.date:
         """``day`` itself if it is a working day, else the first working day after it."""
-        while not self.is_workday(day):
-            day += _ONE_DAY
-        return day
+        if self.is_workday(day):
+            return day
+        return self._nth(self._count[self._index(day)], day)
 
     def add_workdays(self, day: dt.date, count: int) -> dt.date:
         """The ``count``-th working day after ``day`` (before it when negative); 0 gives ``day``."""
-        step = _ONE_DAY if count >= 0 else -_ONE_DAY
-        remaining = abs(count)
-        while remaining:
-            day += step
-            if self.is_workday(day):
-                remaining -= 1
-        return day
+        if count == 0:
+            return day
+        i = self._index(day)
+        up_to = self._count[i]  # working days up to and including ``day``
+        if count > 0:
+            return self._nth(up_to + count - 1, day)
+        before = up_to - (1 if self.is_workday(day) else 0)
+        return self._nth(before + count, day)
 
     def workdays_between(self, start: dt.date, end: dt.date) -> int:
         """Working days in (start, end]; negative when end is before start."""
-        if end < start:
-            return -self.workdays_between(end, start)
-        count, day = 0, start
-        while day < end:
-            day += _ONE_DAY
-            if self.is_workday(day):
-                count += 1
-        return count
+        self._check_span(start, end)
+        return self._count[self._index(end)] - self._count[self._index(start)]
+
+
+def _is_workday(year: YearDays, day: dt.date) -> bool:
+    if day.weekday() >= 5:
+        return day in year.working_weekend_days
+    return day not in year.rest_weekdays
 
 
 def _package_years() -> list[YearDays]:

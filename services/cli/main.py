@@ -22,7 +22,7 @@ from contracts.commands import Role
 from contracts.programme import ProgrammeFileError, load_programme
 from contracts.replies import Accepted, RefusalRecord, decode_reply
 from contracts.schema import SCHEMA_DIR, render_schemas, write_schemas
-from contracts.subjects import REFUSALS_ALL, submit_subject
+from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, REFUSALS_ALL, REFUSALS_STREAM, submit_subject
 from services.common.clock import SystemClock
 from services.common.logging import configure_logging
 from services.common.runtime import client_runtime, infrastructure
@@ -55,6 +55,7 @@ def up() -> None:
 
 
 async def _up(settings: Settings) -> None:
+    from services.escalation import main as escalation
     from services.ledger import main as ledger
     from services.submissions import main as submissions
 
@@ -64,7 +65,7 @@ async def _up(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with infrastructure(settings) as runtime:
         clock = SystemClock()
-        services = {"submissions": submissions.run, "ledger": ledger.run}
+        services = {"submissions": submissions.run, "ledger": ledger.run, "escalation": escalation.run}
         readiness = {name: asyncio.Event() for name in services}
         tasks = [asyncio.create_task(run(runtime, clock, stop, readiness[name])) for name, run in services.items()]
         all_ready = asyncio.create_task(asyncio.wait([asyncio.create_task(e.wait()) for e in readiness.values()]))
@@ -137,26 +138,15 @@ def refusals(
 
 
 async def _refusals(settings: Settings, county: str | None, limit: int) -> list[tuple[int, RefusalRecord]]:
-    from nats.js.api import DeliverPolicy
+    from services.common.jetstream import read_all
 
     runtime = client_runtime(settings)
     nc = await runtime.connect_as("ops")
-    js = nc.jetstream()
     subject = REFUSALS_ALL if county is None else f"duban.refusals.*.{county}"
     out: list[tuple[int, RefusalRecord]] = []
     try:
-        sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-        try:
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=1.0)
-                except TimeoutError:
-                    break
-                out.append((msg.metadata.sequence.stream, msgspec.json.decode(msg.data, type=RefusalRecord)))
-                if msg.metadata.num_pending == 0:
-                    break
-        finally:
-            await sub.unsubscribe()
+        async for batch in read_all(nc.jetstream(), REFUSALS_STREAM, subject):
+            out.extend((seq, msgspec.json.decode(data, type=RefusalRecord)) for seq, data in batch)
     finally:
         await nc.close()
     return out[-limit:]
@@ -312,6 +302,100 @@ def ledger_status() -> None:
 
     answer = _query(PROJECTION_STATUS_SUBJECT, ProjectionStatus, {})
     console.print(f"checkpoint {answer.checkpoint} of {answer.stream_last_sequence} (lag {answer.lag})")
+
+
+@app.command()
+def actions(
+    county: Annotated[str | None, typer.Option(help="Only this county.")] = None,
+    state: Annotated[str | None, typer.Option(help="proposed, issued or waived.")] = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Accountability actions: reminders, notices, and proposals awaiting a city operator."""
+    from contracts.escalation import ACTIONS_SUBJECT, ActionList
+    from services.cli.render import actions_view
+
+    answer = _query(ACTIONS_SUBJECT, ActionList, {"county_code": county, "state": state})
+    _show(answer, actions_view(answer), json_out)
+
+
+Operator = Annotated[str, typer.Option(help="Who decides (name and office), for the record.")]
+
+
+@app.command()
+def confirm(action_id: str, operator: Operator, note: str = "") -> None:
+    """Confirm a proposed 通报批评 / 约谈 / provincial measure: it is issued."""
+    from contracts.escalation import CONFIRM_SUBJECT, ActionView
+
+    view = _query(CONFIRM_SUBJECT, ActionView, {"action_id": action_id, "operator": operator, "note": note})
+    console.print(f"confirmed: {view.action_id} ({view.level_name}) — it will be issued")
+
+
+@app.command()
+def waive(action_id: str, reason: Annotated[str, typer.Option(help="Why it is waived.")], operator: Operator) -> None:
+    """Waive a proposed action, with a reason on record."""
+    from contracts.escalation import WAIVE_SUBJECT, ActionView
+
+    view = _query(WAIVE_SUBJECT, ActionView, {"action_id": action_id, "operator": operator, "reason": reason})
+    console.print(f"waived: {view.action_id} ({view.level_name})")
+
+
+@app.command()
+def why(action_id: str) -> None:
+    """Why an action was taken: the rule, the deadline used, the working days counted."""
+    from contracts.escalation import WHY_SUBJECT, ActionView
+
+    view = _query(WHY_SUBJECT, ActionView, {"action_id": action_id})
+    console.print(f"[bold]{view.level_name}[/] {view.action_id} — {view.state}, due {view.due_on}")
+    console.print(view.explanation_zh)
+    if view.decided_by:
+        console.print(f"decided by {view.decided_by} {view.waive_reason}")
+
+
+@app.command()
+def whatif(
+    policy: Annotated[Path, typer.Option(help="The other policy file.")],
+    calendar: Annotated[list[Path] | None, typer.Option(help="Working-day year files for the other run.")] = None,
+    until: Annotated[str | None, typer.Option(help="Last day to judge (default: today).")] = None,
+) -> None:
+    """Replay the recorded history under another policy (or calendar), offline, and list the
+    actions it would add, remove or move. The live system is not touched."""
+    import datetime as dt
+
+    from contracts.events import decode_event
+    from contracts.policy import load_policy
+    from contracts.workdays import WorkdayCalendar
+    from services.cli.render import whatif_view
+    from services.common.jetstream import read_all
+    from services.common.runtime import load_policy_and_calendar
+    from services.escalation.ladder import Judge
+    from services.escalation.replay import compare, replay
+
+    settings = _settings()
+    runtime = client_runtime(settings)
+    current, current_calendar = load_policy_and_calendar(settings)
+    other = load_policy(policy)
+    other_calendar = WorkdayCalendar.official([*settings.calendar_files, *(calendar or [])])
+
+    async def history() -> list[tuple[int, bytes]]:
+        nc = await runtime.connect_as("ops")
+        try:
+            return [item async for batch in read_all(nc.jetstream(), EVENTS_STREAM, EVENTS_ALL) for item in batch]
+        finally:
+            await nc.close()
+
+    stored = _run(history())
+    end = dt.date.fromisoformat(until) if until else dt.date.today()
+    for programme in runtime.programmes.values():
+        histories: dict[str, list[tuple[int, object]]] = {}
+        for seq, data in stored:
+            envelope = decode_event(data)
+            if envelope.programme_id == programme.id:
+                histories.setdefault(envelope.county_code, []).append((seq, envelope))
+        start = min(m.deadline for m in programme.milestones) - dt.timedelta(days=60)
+        base = Judge(programme, {current.version: current}, current, current_calendar)
+        alt = Judge(programme, {other.version: other}, other, other_calendar)
+        diff = compare(replay(base, histories, start, end), replay(alt, histories, start, end))  # type: ignore[arg-type]
+        console.print(whatif_view(programme, current.version, other.version, diff))
 
 
 @app.command()

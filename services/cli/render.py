@@ -15,6 +15,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from contracts.escalation import ActionList
 from contracts.ledger import (
     CountyDetail,
     CountyHistory,
@@ -25,6 +26,8 @@ from contracts.ledger import (
     PeriodStatus,
     ProgressTable,
 )
+from contracts.programme import Programme
+from services.escalation.replay import WhatIf
 from services.ledger.report import (
     LIGHT_ZH,
     PERIOD_ZH,
@@ -235,3 +238,64 @@ def overdue_view(overdue: OverdueList) -> RenderableType:
             Text(str(item.workdays_overdue), style="bold red"),
         )
     return Group(grid, Text(f"共{len(overdue.items)}项", style="dim"))
+
+
+_ACTION_STATE_ZH = {"issued": "已发出", "proposed": "待确认", "waived": "已免予处理"}
+_ACTION_STATE_STYLE = {"issued": "green", "proposed": "bold yellow", "waived": "dim"}
+
+
+def actions_view(actions: ActionList) -> RenderableType:
+    """Accountability actions, oldest first: state, level, county, subject, explanation."""
+    grid = Table(title="督办事项", show_lines=False, expand=False)
+    for column in ("应发日期", "状态", "事项", "县", "任务/期", "编号", "说明"):
+        grid.add_column(column, overflow="fold")
+    for a in actions.items:
+        grid.add_row(
+            a.due_on.isoformat(),
+            Text(_ACTION_STATE_ZH.get(a.state, a.state), style=_ACTION_STATE_STYLE.get(a.state, "")),
+            a.level_name,
+            a.county_code,
+            a.milestone_id or a.period or "",
+            Text(a.action_id, style="dim"),
+            a.explanation_zh + (f"（{a.decided_by}：{a.waive_reason}）" if a.waive_reason else ""),
+        )
+    if not actions.items:
+        return Text("无督办事项")
+    return Group(
+        grid,
+        Text(f"共{len(actions.items)}项；待确认{sum(a.state == 'proposed' for a in actions.items)}项", style="dim"),
+    )
+
+
+def whatif_view(programme: Programme, before: str, after: str, diff: WhatIf) -> RenderableType:
+    """What another policy would change: added, removed, moved actions."""
+    names = {c.code: c.name for c in programme.counties}
+    grid = Table(title=f"{programme.id}：督办政策 {before} → {after}")
+    for column in ("变化", "县", "事项", "任务/期", "日期"):
+        grid.add_column(column)
+    for r in diff.added:
+        grid.add_row(
+            Text("新增", style="red"),
+            names.get(r.county_code, r.county_code),
+            r.action.level_name,
+            r.action.milestone_id or r.action.period or "",
+            r.day.isoformat(),
+        )
+    for r in diff.removed:
+        grid.add_row(
+            Text("取消", style="green"),
+            names.get(r.county_code, r.county_code),
+            r.action.level_name,
+            r.action.milestone_id or r.action.period or "",
+            r.day.isoformat(),
+        )
+    for old, new in diff.moved:
+        grid.add_row(
+            Text("改期", style="yellow"),
+            names.get(new.county_code, new.county_code),
+            new.action.level_name,
+            new.action.milestone_id or new.action.period or "",
+            f"{old.day.isoformat()} → {new.day.isoformat()}",
+        )
+    counts = f"新增{len(diff.added)}项，取消{len(diff.removed)}项，改期{len(diff.moved)}项"
+    return Group(grid, Text(counts, style="bold"))

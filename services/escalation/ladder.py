@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from contracts.events import ActionIssued, ActionProposed
@@ -32,13 +32,29 @@ class Judge:
     policies: Mapping[str, Policy]
     current: Policy
     calendar: WorkdayCalendar
+    _table_deadlines: dict[tuple[str, str], list[tuple[str, dt.date, dt.date]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
-    def policy_for(self, facts: CountyFacts, milestone_id: str | None) -> Policy:
-        pinned = next(
-            (a.policy_version for a in facts.actions.values() if milestone_id and a.milestone_id == milestone_id),
-            None,
-        )
-        return self.policies.get(pinned, self.current) if pinned else self.current
+    def pinned_policies(self, facts: CountyFacts) -> dict[str, Policy]:
+        """Milestone → the policy of its first action (recorded actions keep stream order)."""
+        pins: dict[str, Policy] = {}
+        for action in facts.actions.values():
+            if action.milestone_id and action.milestone_id not in pins:
+                pins[action.milestone_id] = self.policies.get(action.policy_version, self.current)
+        return pins
+
+    def table_deadlines(self, policy: Policy, level: Level) -> list[tuple[str, dt.date, dt.date]]:
+        """(period, due date, action due on) for every reporting period, computed once per judge."""
+        key = (policy.version, level.id)
+        cached = self._table_deadlines.get(key)
+        if cached is None:
+            cached = []
+            for period in self.programme.reporting_periods():
+                due = self.deadline(policy, self.programme.progress_table_due(period))
+                cached.append((period, due, self.calendar.add_workdays(due, level.workdays)))
+            self._table_deadlines[key] = cached
+        return cached
 
     def deadline(self, policy: Policy, day: dt.date) -> dt.date:
         return self.calendar.next_workday(day) if policy.roll_rest_day_deadlines else day
@@ -54,8 +70,9 @@ def due_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> list[Action
 
 
 def _all_due(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterator[ActionIssued | ActionProposed]:
+    pins = judge.pinned_policies(facts)
     for milestone in judge.programme.milestones:
-        yield from _milestone_actions(judge, facts, milestone, today)
+        yield from _milestone_actions(judge, facts, milestone, today, pins.get(milestone.id, judge.current))
     yield from _progress_table_actions(judge, facts, today)
     yield from _finding_actions(judge, facts, today)
     yield from _second_offence_actions(judge, facts, today)
@@ -78,12 +95,11 @@ def _action_id(judge: Judge, facts: CountyFacts, *parts: str) -> str:
 
 
 def _milestone_actions(
-    judge: Judge, facts: CountyFacts, milestone: Milestone, today: dt.date
+    judge: Judge, facts: CountyFacts, milestone: Milestone, today: dt.date, policy: Policy
 ) -> Iterator[ActionIssued | ActionProposed]:
     state = facts.milestones[milestone.id]
     if state.completed_on is not None:
         return  # completion stops the ladder
-    policy = judge.policy_for(facts, milestone.id)
     ledger_deadline = state.extended_deadline or milestone.deadline
     deadline = judge.deadline(policy, ledger_deadline)
     cal = judge.calendar
@@ -102,11 +118,14 @@ def _milestone_actions(
             workdays = cal.workdays_between(deadline, today)
         else:
             continue
+        action_id = _action_id(judge, facts, level.id, milestone.id, deadline.isoformat())
+        if action_id in facts.actions:
+            continue  # on record: judged before
         yield _make(
             level,
             policy,
             {
-                "action_id": _action_id(judge, facts, level.id, milestone.id, deadline.isoformat()),
+                "action_id": action_id,
                 "due_on": due_on,
                 "milestone_id": milestone.id,
                 "deadline": deadline,
@@ -134,11 +153,12 @@ def _progress_table_actions(
     for level in policy.levels:
         if level.trigger is not Trigger.MISSED_PROGRESS_TABLE:
             continue
-        for period in judge.programme.reporting_periods():
-            due = judge.deadline(policy, judge.programme.progress_table_due(period))
-            due_on = judge.calendar.add_workdays(due, level.workdays)
+        for period, due, due_on in judge.table_deadlines(policy, level):
             if today < due_on:
                 break  # periods are in order: later ones are not due either
+            action_id = _action_id(judge, facts, level.id, period)
+            if action_id in facts.actions:
+                continue
             filed = facts.progress_tables.get(period)
             if filed is not None and filed.filed_on <= due:
                 continue
@@ -147,7 +167,7 @@ def _progress_table_actions(
                 level,
                 policy,
                 {
-                    "action_id": _action_id(judge, facts, level.id, period),
+                    "action_id": action_id,
                     "due_on": due_on,
                     "period": period,
                     "deadline": due,
@@ -168,8 +188,9 @@ def _finding_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterat
         if level.trigger is not Trigger.PROCEDURE_FINDING:
             continue
         for finding in facts.findings:
+            action_id = _action_id(judge, facts, level.id, finding.event_id.replace("/", "."))
             found_on = finding.recorded_at.astimezone(zone).date()
-            if found_on > today:
+            if action_id in facts.actions or found_on > today:
                 continue
             milestone = judge.programme.milestone(finding.milestone_id or "")
             about = f"里程碑{milestone.id}《{milestone.title}》" if milestone else ""
@@ -177,7 +198,7 @@ def _finding_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterat
                 level,
                 policy,
                 {
-                    "action_id": _action_id(judge, facts, level.id, finding.event_id.replace("/", ".")),
+                    "action_id": action_id,
                     "due_on": found_on,
                     "milestone_id": finding.milestone_id,
                     "finding_event_id": finding.event_id,
@@ -201,11 +222,14 @@ def _second_offence_actions(
         if level.trigger is not Trigger.SECOND_OFFENCE:
             continue
         for nth, offence in enumerate(offences[1:], start=2):
+            action_id = _action_id(judge, facts, level.id, offence.action_id.split(":", 2)[-1])
+            if action_id in facts.actions:
+                continue
             yield _make(
                 level,
                 policy,
                 {
-                    "action_id": _action_id(judge, facts, level.id, offence.action_id.split(":", 2)[-1]),
+                    "action_id": action_id,
                     "due_on": offence.due_on,
                     "milestone_id": offence.milestone_id,
                     "period": offence.period,

@@ -101,6 +101,9 @@ class EscalationService:
                     count += 1
             return count
 
+    def counties(self) -> list[Key]:
+        return self._all_counties()
+
     def _all_counties(self) -> list[Key]:
         return [(j.programme.id, c.code) for j in self._judges.values() for c in j.programme.counties]
 

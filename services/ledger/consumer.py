@@ -23,6 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM
+from services.common.jetstream import read_all
 from services.ledger.projection import GapError, LedgerProjection, StoredMessage
 
 log = structlog.get_logger(__name__)
@@ -112,26 +113,5 @@ async def run_live(
 
 async def read_stream(js: JetStreamContext, batch_size: int = REBUILD_BATCH) -> AsyncIterator[list[StoredMessage]]:
     """Every event from the first to the last stored when called, in batches, in order."""
-    info = await js.stream_info(EVENTS_STREAM)
-    last = info.state.last_seq
-    if info.state.messages == 0:
-        return
-    sub = await js.subscribe(
-        EVENTS_ALL,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL,
-        pending_msgs_limit=batch_size * 4,
-    )
-    try:
-        batch: list[StoredMessage] = []
-        while True:
-            msg = await sub.next_msg(timeout=10)
-            sequence = msg.metadata.sequence.stream
-            batch.append(StoredMessage(sequence, msg.data))
-            if len(batch) >= batch_size or sequence >= last:
-                yield batch
-                batch = []
-            if sequence >= last:
-                return
-    finally:
-        await sub.unsubscribe()
+    async for batch in read_all(js, EVENTS_STREAM, EVENTS_ALL, batch_size):
+        yield [StoredMessage(sequence, data) for sequence, data in batch]

@@ -1,0 +1,172 @@
+"""Run escalation: follow the event stream, judge counties on their events and on every tick,
+record actions, and answer the operators' subjects (a NATS micro service)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from importlib.metadata import version
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from contracts.escalation import (
+    ACTIONS_SUBJECT,
+    CONFIRM_SUBJECT,
+    ESCALATION_SERVICE,
+    TICK_SUBJECT,
+    WAIVE_SUBJECT,
+    WHY_SUBJECT,
+    ActionList,
+    ActionsQuery,
+    ConfirmAction,
+    OpsError,
+    TickReport,
+    WaiveAction,
+    WhyQuery,
+)
+from contracts.events import decode_event
+from contracts.subjects import EVENTS_ALL, EVENTS_STREAM
+from services.common.clock import Clock
+from services.common.jetstream import ensure_streams
+from services.common.runtime import Runtime, load_policy_and_calendar
+from services.escalation.ladder import Judge
+from services.escalation.service import EscalationService, OpsFailure
+
+SERVICE_USER = "svc-escalation"
+log = structlog.get_logger(__name__)
+Q = TypeVar("Q")
+
+
+async def follow(
+    js: JetStreamContext, service: EscalationService, stop: asyncio.Event, caught_up: asyncio.Event
+) -> None:
+    """Fold every stored event in order; once caught up, judge each county as its events arrive."""
+    info = await js.stream_info(EVENTS_STREAM)
+    backlog_end = int(info.state.last_seq)
+    if backlog_end == 0:
+        caught_up.set()
+        await service.judge()
+    sub = await js.subscribe(EVENTS_ALL, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    try:
+        while not stop.is_set():
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except TimeoutError:
+                continue
+            sequence = msg.metadata.sequence.stream
+            try:
+                key = service.observe(sequence, decode_event(msg.data))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error("event skipped: cannot decode", stream_sequence=sequence, error=str(exc))
+                continue
+            if not caught_up.is_set():
+                if sequence >= backlog_end:
+                    caught_up.set()
+                    await service.judge()  # everything, once, after the backlog
+                continue
+            if key is not None:
+                await service.judge([key])
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def tick_forever(
+    service: EscalationService, stop: asyncio.Event, caught_up: asyncio.Event, seconds: float
+) -> None:
+    await caught_up.wait()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+        if not stop.is_set():
+            try:
+                await service.judge()
+            except Exception:
+                log.exception("escalation tick failed; next tick retries")
+
+
+def _endpoint(query_type: type[Q], answer: Callable[[Q], Awaitable[Any]]) -> Callable[[Request], Awaitable[None]]:
+    decoder = msgspec.json.Decoder(query_type)
+
+    async def handle(request: Request) -> None:
+        try:
+            result = await answer(decoder.decode(request.data or b"{}"))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            error = OpsError(
+                code="bad_request", message_zh="请求格式错误", message_en="malformed request", detail=str(exc)
+            )
+            await request.respond_error("400", error.message_en, msgspec.json.encode(error))
+            return
+        except OpsFailure as failure:
+            error = OpsError(code=failure.code, message_zh=failure.zh, message_en=failure.en, detail=failure.detail)
+            await request.respond_error("409", error.message_en, msgspec.json.encode(error))
+            return
+        await request.respond(msgspec.json.encode(result))
+
+    return handle
+
+
+async def start_service(nc: Any, service: EscalationService, clock: Clock, release: str) -> Service:
+    async def actions(q: ActionsQuery) -> ActionList:
+        return ActionList(items=tuple(service.actions(q.programme_id, q.county_code, q.state)))
+
+    async def why(q: WhyQuery) -> Any:
+        return service.view(q.action_id)
+
+    async def tick(_: ActionsQuery) -> TickReport:
+        count = await service.judge()
+        return TickReport(judged_on=clock.now().date(), counties=len(service.counties()), new_actions=count)
+
+    micro = await add_service(
+        nc, name=ESCALATION_SERVICE, version=release, description="duban escalation: the accountability ladder"
+    )
+    for name, subject, handler in (
+        ("actions", ACTIONS_SUBJECT, _endpoint(ActionsQuery, actions)),
+        ("confirm", CONFIRM_SUBJECT, _endpoint(ConfirmAction, service.confirm)),
+        ("waive", WAIVE_SUBJECT, _endpoint(WaiveAction, service.waive)),
+        ("why", WHY_SUBJECT, _endpoint(WhyQuery, why)),
+        ("tick", TICK_SUBJECT, _endpoint(ActionsQuery, tick)),
+    ):
+        await micro.add_endpoint(name=name, subject=subject, handler=handler)
+    return micro
+
+
+async def run(
+    runtime: Runtime,
+    clock: Clock,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+    tick_seconds: float = 60.0,
+) -> None:
+    nc = await runtime.connect_as(SERVICE_USER)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, runtime.settings.stream_replicas)
+        policy, calendar = load_policy_and_calendar(runtime.settings)
+        judges = {p.id: Judge(p, {policy.version: policy}, policy, calendar) for p in runtime.programmes.values()}
+        service = EscalationService(js, judges, clock)
+        caught_up = asyncio.Event()
+        micro = await start_service(nc, service, clock, version("duban"))
+        tasks = [
+            asyncio.create_task(follow(js, service, stop, caught_up)),
+            asyncio.create_task(tick_forever(service, stop, caught_up, tick_seconds)),
+        ]
+        await caught_up.wait()
+        log.info("escalation serving", policy=policy.version, roll_rest_day_deadlines=policy.roll_rest_day_deadlines)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        await asyncio.gather(*tasks)
+        await micro.stop()
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        log.info("escalation stopped")
