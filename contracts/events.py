@@ -132,6 +132,35 @@ class ActionWaived(Fields, tag_field="type", tag="action_waived", frozen=True):
     reason: str
 
 
+class NotificationRecorded(Fields, frozen=True):
+    """One outcome of telling a person about an action: who, which channel, what happened."""
+
+    message_id: str  # deterministic: action, recipient, channel
+    action_id: str
+    recipient_id: str  # a person id from the directory, never a name
+    channel: str  # sms | email | webhook | file
+    attempt: int
+    address_masked: str  # 138****1234 / l***@example.org: the record never holds a full number
+    detail: str = ""
+    provider_message_id: str | None = None
+
+
+class NotificationQueued(NotificationRecorded, tag_field="type", tag="notification_queued", frozen=True):
+    pass
+
+
+class NotificationSent(NotificationRecorded, tag_field="type", tag="notification_sent", frozen=True):
+    pass
+
+
+class NotificationDelivered(NotificationRecorded, tag_field="type", tag="notification_delivered", frozen=True):
+    """A delivery receipt from the provider."""
+
+
+class NotificationFailed(NotificationRecorded, tag_field="type", tag="notification_failed", frozen=True):
+    """Failed for good on this channel/recipient (a fallback, if any, is queued separately)."""
+
+
 EventPayload = (
     ProgressReported
     | MilestoneCompleted
@@ -147,6 +176,10 @@ EventPayload = (
     | ActionProposed
     | ActionConfirmed
     | ActionWaived
+    | NotificationQueued
+    | NotificationSent
+    | NotificationDelivered
+    | NotificationFailed
 )
 
 EVENT_TYPES: dict[str, type[Fields]] = {
@@ -166,6 +199,10 @@ EVENT_TYPES: dict[str, type[Fields]] = {
         ActionProposed,
         ActionConfirmed,
         ActionWaived,
+        NotificationQueued,
+        NotificationSent,
+        NotificationDelivered,
+        NotificationFailed,
     )
 }
 

@@ -52,6 +52,14 @@ def actions_subject(programme_id: str, county_code: str) -> str:
     return f"{EVENTS_PREFIX}.{programme_id}.{county_code}.actions"
 
 
+def notifications_subject(programme_id: str, county_code: str) -> str:
+    """The notifier's record of who was told what, beside the county's facts and actions."""
+    return f"{EVENTS_PREFIX}.{programme_id}.{county_code}.notifications"
+
+
+ACTIONS_ALL = f"{EVENTS_PREFIX}.*.*.actions"
+
+
 def refusal_subject(role_token: str, county_token: str) -> str:
     return f"{REFUSALS_PREFIX}.{role_token}.{county_token}"
 

@@ -178,12 +178,16 @@ def county_history(
     return CountyHistory(programme_id=programme.id, county_code=county_code, entries=entries)
 
 
+_CHANNEL_ZH = {"sms": "短信", "email": "电子邮件", "webhook": "接口推送", "file": "演示文件"}
+
+
 def summarise(programme: Programme, e: EventEnvelope) -> str:
     """One line in Chinese saying what the event records."""
     p = msgspec.to_builtins(e.payload)
     milestone = programme.milestone(str(p.get("milestone_id", "")))
     m = f"{milestone.id}《{milestone.title}》" if milestone else ""
     r = _review_name(programme, str(p.get("review_kind", "")))
+    who = f"{p.get('recipient_id')}（{_CHANNEL_ZH.get(str(p.get('channel')), p.get('channel'))}）"
     texts = {
         "progress_reported": f"报告{m}进度{p.get('percent')}%",
         "milestone_completed": f"{m}完成于{p.get('completed_on')}",
@@ -197,5 +201,13 @@ def summarise(programme: Programme, e: EventEnvelope) -> str:
         ),
         "submission_retracted": f"撤回报送{p.get('retracted_submission_id')}",
         "procedure_finding_recorded": f"程序问题：{p.get('finding_zh')}",
+        "action_issued": f"发出“{p.get('level_name')}”{m}",
+        "action_proposed": f"拟“{p.get('level_name')}”{m}（待市级确认）",
+        "action_confirmed": f"{p.get('operator')}确认督办事项",
+        "action_waived": f"{p.get('operator')}免予处理：{p.get('reason')}",
+        "notification_queued": f"通知{who}已排队",
+        "notification_sent": f"已通知{who}，{p.get('address_masked')}",
+        "notification_delivered": f"{who}已收到",
+        "notification_failed": f"通知{who}失败：{p.get('detail')}",
     }
     return texts.get(e.event_type, e.event_type)
