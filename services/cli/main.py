@@ -57,6 +57,7 @@ def up() -> None:
 async def _up(settings: Settings) -> None:
     from services.escalation import main as escalation
     from services.ledger import main as ledger
+    from services.notifier import main as notifier
     from services.submissions import main as submissions
 
     stop = asyncio.Event()
@@ -65,7 +66,12 @@ async def _up(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with infrastructure(settings) as runtime:
         clock = SystemClock()
-        services = {"submissions": submissions.run, "ledger": ledger.run, "escalation": escalation.run}
+        services = {
+            "submissions": submissions.run,
+            "ledger": ledger.run,
+            "escalation": escalation.run,
+            "notifier": notifier.run,
+        }
         readiness = {name: asyncio.Event() for name in services}
         tasks = [asyncio.create_task(run(runtime, clock, stop, readiness[name])) for name, run in services.items()]
         all_ready = asyncio.create_task(asyncio.wait([asyncio.create_task(e.wait()) for e in readiness.values()]))
@@ -396,6 +402,26 @@ def whatif(
         alt = Judge(programme, {other.version: other}, other, other_calendar)
         diff = compare(replay(base, histories, start, end), replay(alt, histories, start, end))  # type: ignore[arg-type]
         console.print(whatif_view(programme, current.version, other.version, diff))
+
+
+@app.command()
+def preflight() -> None:
+    """Check that every role the policy can address reaches someone, in every county, on a
+    working channel with an approved SMS template; list every gap."""
+    from services.common.runtime import load_policy_and_calendar
+    from services.notifier.main import channels_from_env, directory_from_env, settings_from_env
+    from services.notifier.planning import preflight as check
+
+    settings = _settings()
+    runtime = client_runtime(settings)
+    policy, _ = load_policy_and_calendar(settings)
+    notifier_settings = settings_from_env(channels_from_env(settings.state_dir))
+    gaps = check(list(runtime.programmes.values()), policy, directory_from_env(runtime), notifier_settings)
+    for gap in gaps:
+        style = "red" if gap.severity == "error" else "yellow"
+        console.print(f"[{style}]{gap.severity}[/] {gap.what}: {gap.detail}")
+    console.print(f"{len(gaps)} gap(s) — channels {', '.join(notifier_settings.channels)}")
+    raise typer.Exit(1 if any(g.severity == "error" for g in gaps) else 0)
 
 
 @app.command()

@@ -1,0 +1,181 @@
+"""Run the notifier: follow issued actions, keep the outbox, send, and record every outcome.
+
+Channels come from the environment (credentials too, or from secret files; never logged):
+- ``DUBAN_NOTIFY_CHANNELS``: which to use, e.g. ``sms,email`` (default ``file,email`` when no SMS
+  provider is configured: the demo's SMS file ``<state>/sms.jsonl``);
+- e-mail: ``DUBAN_SMTP_HOST``, ``DUBAN_SMTP_PORT``, ``DUBAN_SMTP_SECURITY`` (starttls|tls|none),
+  ``DUBAN_SMTP_USER``, ``DUBAN_SMTP_PASSWORD`` (or ``DUBAN_SMTP_PASSWORD_FILE``), ``DUBAN_SMTP_SENDER``;
+- SMS: ``DUBAN_SMS_PROVIDER`` (aliyun|tencent), with ``DUBAN_ALIYUN_ACCESS_KEY_ID``,
+  ``DUBAN_ALIYUN_ACCESS_KEY_SECRET``, ``DUBAN_SMS_SIGN_NAME`` or ``DUBAN_TENCENT_SECRET_ID``,
+  ``DUBAN_TENCENT_SECRET_KEY``, ``DUBAN_TENCENT_SDK_APP_ID``; ``DUBAN_SMS_TEMPLATES`` as
+  ``level=code,level=code``;
+- ``DUBAN_DIRECTORY``: the directory file (default: the shipped example, which reaches nobody).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import structlog
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from contracts.directory import Directory, example_directory_path, load_directory
+from contracts.subjects import ACTIONS_ALL, EVENTS_STREAM
+from services.common.clock import Clock
+from services.common.jetstream import ensure_streams
+from services.common.postgres import create_pool
+from services.common.runtime import Runtime
+from services.notifier import outbox
+from services.notifier.channels.base import Channel, Secret
+from services.notifier.channels.file import FileChannel
+from services.notifier.channels.smtp import SmtpChannel
+from services.notifier.delivery import NotifierSettings
+from services.notifier.service import Notifier
+
+SERVICE_USER = "svc-notifier"
+DURABLE = "notifier"
+log = structlog.get_logger(__name__)
+
+
+def _secret(env: Mapping[str, str], name: str) -> Secret:
+    if env.get(f"{name}_FILE"):
+        return Secret.from_file(env[f"{name}_FILE"])
+    return Secret.from_env(name, environ=env)
+
+
+def channels_from_env(state_dir: Path, env: Mapping[str, str] | None = None) -> dict[str, Channel]:
+    env = dict(os.environ if env is None else env)
+    channels: dict[str, Channel] = {"file": FileChannel(state_dir / "sms.jsonl")}
+    if env.get("DUBAN_SMTP_HOST"):
+        channels["email"] = SmtpChannel(
+            env["DUBAN_SMTP_HOST"],
+            int(env.get("DUBAN_SMTP_PORT", "587")),
+            username=env.get("DUBAN_SMTP_USER") or None,
+            password=_secret(env, "DUBAN_SMTP_PASSWORD") if env.get("DUBAN_SMTP_USER") else None,
+            security=env.get("DUBAN_SMTP_SECURITY", "starttls"),  # type: ignore[arg-type]
+            sender=env.get("DUBAN_SMTP_SENDER", "duban@localhost"),
+        )
+    provider = env.get("DUBAN_SMS_PROVIDER")
+    if provider == "aliyun":
+        from services.notifier.channels.aliyun import AliyunSmsChannel
+
+        channels["sms"] = AliyunSmsChannel(
+            env["DUBAN_ALIYUN_ACCESS_KEY_ID"],
+            _secret(env, "DUBAN_ALIYUN_ACCESS_KEY_SECRET"),
+            env["DUBAN_SMS_SIGN_NAME"],
+        )
+    elif provider == "tencent":
+        from services.notifier.channels.tencent import TencentSmsChannel
+
+        channels["sms"] = TencentSmsChannel(
+            env["DUBAN_TENCENT_SECRET_ID"],
+            _secret(env, "DUBAN_TENCENT_SECRET_KEY"),
+            env["DUBAN_TENCENT_SDK_APP_ID"],
+            env["DUBAN_SMS_SIGN_NAME"],
+        )
+    return channels
+
+
+def settings_from_env(channels: Mapping[str, Channel], env: Mapping[str, str] | None = None) -> NotifierSettings:
+    env = dict(os.environ if env is None else env)
+    default = ("sms" if "sms" in channels else "file", *(["email"] if "email" in channels else []))
+    chosen = tuple(c for c in env.get("DUBAN_NOTIFY_CHANNELS", ",".join(default)).split(",") if c)
+    templates = dict(item.split("=", 1) for item in env.get("DUBAN_SMS_TEMPLATES", "").split(",") if "=" in item)
+    return NotifierSettings(channels=chosen, sms_templates=templates)  # type: ignore[arg-type]
+
+
+def directory_from_env(runtime: Runtime) -> Directory:
+    path = os.environ.get("DUBAN_DIRECTORY") or str(example_directory_path())
+    programme = next(iter(runtime.programmes.values()))
+    return load_directory(path, programme)
+
+
+async def consume(js: JetStreamContext, notifier: Notifier, stop: asyncio.Event) -> None:
+    """Issued actions → outbox rows, in one transaction with the checkpoint; ack after commit."""
+    async with notifier._pool.acquire() as conn:
+        checkpoint = await outbox.checkpoint(conn)
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(EVENTS_STREAM, DURABLE)
+    sub = await js.pull_subscribe(
+        ACTIONS_ALL,
+        durable=DURABLE,
+        stream=EVENTS_STREAM,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=checkpoint + 1,
+            ack_policy=AckPolicy.ALL,
+            ack_wait=60,
+            max_ack_pending=1000,
+        ),
+    )
+    delay = 0.2
+    while not stop.is_set():
+        try:
+            messages = await sub.fetch(500, timeout=0.5)
+        except (NatsTimeoutError, TimeoutError):
+            continue
+        if not messages:
+            continue
+        batch = [(m.metadata.sequence.stream, m.data) for m in messages]
+        while not stop.is_set():
+            try:
+                await notifier.apply_batch(batch)
+                break
+            except Exception:
+                log.exception("notifier batch delayed", first=batch[0][0], retry_in=delay)
+                for m in messages:
+                    with contextlib.suppress(Exception):
+                        await m.in_progress()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        delay = 0.2
+        await messages[-1].ack()
+
+
+async def send_forever(notifier: Notifier, stop: asyncio.Event, interval: float = 0.5) -> None:
+    while not stop.is_set():
+        try:
+            handled = await notifier.work_once()
+            await notifier.publish_events()
+        except Exception:
+            log.exception("notifier sender failed; retrying")
+            handled = 0
+        if not handled:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+
+async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+    if runtime.database_url is None:
+        raise RuntimeError("the notifier needs PostgreSQL: set DATABASE_URL or let duban start its own")
+    pool = await create_pool(runtime.database_url)
+    nc = await runtime.connect_as(SERVICE_USER)
+    channels = channels_from_env(runtime.settings.state_dir)
+    try:
+        async with pool.acquire() as conn:
+            await outbox.migrate(conn)
+        js = nc.jetstream()
+        await ensure_streams(js, runtime.settings.stream_replicas)
+        settings = settings_from_env(channels)
+        notifier = Notifier(pool, js, channels, directory_from_env(runtime), settings, runtime.programmes, clock)
+        tasks = [asyncio.create_task(consume(js, notifier, stop)), asyncio.create_task(send_forever(notifier, stop))]
+        log.info("notifier serving", channels=list(settings.channels))
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        await asyncio.gather(*tasks)
+    finally:
+        for channel in channels.values():
+            with contextlib.suppress(Exception):
+                await channel.aclose()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await pool.close()
+        log.info("notifier stopped")

@@ -1,0 +1,344 @@
+"""The notifier application service: issued actions in, messages out, every outcome on record.
+
+1. ``apply_batch``: for each issued action in the stream, plan the messages (pure planning) and
+   write them to the outbox together with the consumer's checkpoint, in one transaction.
+2. ``work_once``: lease the due rows, ask the delivery rules what to do (quiet hours, budget and
+   digest, retry with backoff, fallback), send through the channel, write the outcome.
+3. ``publish_events``: append the recorded outcomes to the event stream (queued, sent, failed),
+   so a county's history shows who was told what, when, on which channel.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import asyncpg
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+
+from contracts.directory import Directory
+from contracts.events import (
+    EVENT_SCHEMA_VERSIONS,
+    ActionIssued,
+    Actor,
+    EventEnvelope,
+    NotificationFailed,
+    NotificationQueued,
+    NotificationRecorded,
+    NotificationSent,
+    decode_event,
+    encode_event,
+    event_type_of,
+)
+from contracts.programme import Programme
+from contracts.subjects import EVENT_TYPE_HEADER, notifications_subject
+from services.common.clock import Clock
+from services.common.postgres import Connection
+from services.notifier import outbox
+from services.notifier.channels.base import Channel, DeliveryResult, OutboundMessage, Outcome, mask_address
+from services.notifier.delivery import (
+    Digest,
+    Done,
+    Fallback,
+    GiveUp,
+    HoldUntil,
+    NotifierSettings,
+    OutboxState,
+    RetryAt,
+    SendNow,
+    day_bounds,
+    digest,
+    local_day,
+    next_step,
+)
+from services.notifier.planning import plan
+
+log = structlog.get_logger(__name__)
+
+
+class Notifier:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        channels: Mapping[str, Channel],
+        directory: Directory,
+        settings: NotifierSettings,
+        programmes: Mapping[str, Programme],
+        clock: Clock,
+    ) -> None:
+        self._pool = pool
+        self._js = js
+        self._channels = channels
+        self._directory = directory
+        self._settings = settings
+        self._programmes = programmes
+        self._clock = clock
+
+    # -- 1. planning ----------------------------------------------------------------------------
+    async def apply_batch(self, batch: Sequence[tuple[int, bytes]]) -> int:
+        now = self._clock.now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            checkpoint = await outbox.checkpoint(conn)
+            last = checkpoint
+            for sequence, data in sorted(batch):
+                if sequence <= checkpoint:
+                    continue  # a redelivery changes nothing
+                last = max(last, sequence)
+                envelope = decode_event(data)
+                if not isinstance(envelope.payload, ActionIssued):
+                    continue
+                programme = self._programmes.get(envelope.programme_id)
+                county = programme.county(envelope.county_code) if programme else None
+                if programme is None or county is None:
+                    continue
+                messages = plan(
+                    envelope.payload, programme.id, county.code, county.name, self._directory, self._settings
+                )
+                for message in await outbox.enqueue(
+                    conn, messages, envelope.payload.action_id, programme.id, county.code, now
+                ):
+                    await self._record(
+                        conn,
+                        NotificationQueued,
+                        message,
+                        envelope.payload.action_id,
+                        programme.id,
+                        county.code,
+                        attempt=0,
+                        now=now,
+                    )
+            if last > checkpoint:
+                await outbox.set_checkpoint(conn, last)
+            return last
+
+    # -- 2. sending -----------------------------------------------------------------------------
+    async def work_once(self, limit: int = 50) -> int:
+        """Send what is due now; returns the number of rows handled."""
+        now = self._clock.now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await outbox.claim_due(conn, now, limit)
+        for row in rows:
+            await self._work(row, now)
+        return len(rows)
+
+    async def _work(self, row: outbox.OutboxRow, now: dt.datetime) -> None:
+        message = row.message
+        async with self._pool.acquire() as conn:
+            start, end = day_bounds(local_day(now, self._settings), self._settings)
+            sent_today = await outbox.sms_sent_on(conn, message.recipient_id, start, end)
+        state = OutboxState(
+            message=message,
+            action_id=row.action_id,
+            queued_at=row.queued_at,
+            attempts=row.attempts,
+            last_outcome=row.last_outcome,
+            sent_today=sent_today,
+        )
+        step = next_step(state, None, now, self._settings, self._directory)
+        if isinstance(step, HoldUntil):
+            await self._update(row, state="pending", outcome="held", detail=step.reason, at=step.at)
+            return
+        if isinstance(step, Digest):
+            await self._fold_into_digest(row, step, now)
+            return
+        if not isinstance(step, SendNow):
+            await self._update(
+                row, state="sent" if isinstance(step, Done) else "failed", outcome="skipped", detail=step.reason
+            )
+            return
+        channel = self._channels.get(message.channel)
+        if channel is None:
+            result = DeliveryResult(outcome=Outcome.REJECTED, detail=f"no {message.channel} channel configured")
+        else:
+            try:
+                result = await channel.send(message)
+            except Exception as exc:  # a channel bug must not stop the sender
+                log.exception("channel failed", channel=message.channel)
+                result = DeliveryResult(outcome=Outcome.TRANSIENT_ERROR, detail=type(exc).__name__)
+        attempts = row.attempts + 1
+        after = next_step(
+            msgspec.structs.replace(state, attempts=attempts), result, now, self._settings, self._directory
+        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            if isinstance(after, Done):
+                await outbox.record_outcome(
+                    conn,
+                    message.message_id,
+                    state="sent",
+                    attempts=attempts,
+                    outcome=result.outcome.value,
+                    detail=result.detail,
+                    next_attempt_at=None,
+                    provider_message_id=result.provider_message_id,
+                    sent_at=now,
+                )
+                await self._record(
+                    conn,
+                    NotificationSent,
+                    message,
+                    row.action_id,
+                    row.programme_id,
+                    row.county_code,
+                    attempt=attempts,
+                    now=now,
+                    provider_message_id=result.provider_message_id,
+                )
+                log.info(
+                    "notification sent",
+                    channel=message.channel,
+                    recipient=message.recipient_id,
+                    address=mask_address(message.address),
+                )
+            elif isinstance(after, RetryAt):
+                await outbox.record_outcome(
+                    conn,
+                    message.message_id,
+                    state="pending",
+                    attempts=attempts,
+                    outcome=result.outcome.value,
+                    detail=result.detail,
+                    next_attempt_at=after.at,
+                    provider_message_id=None,
+                    sent_at=None,
+                )
+            else:
+                await outbox.record_outcome(
+                    conn,
+                    message.message_id,
+                    state="failed",
+                    attempts=attempts,
+                    outcome=result.outcome.value,
+                    detail=result.detail,
+                    next_attempt_at=None,
+                    provider_message_id=None,
+                    sent_at=None,
+                )
+                await self._record(
+                    conn,
+                    NotificationFailed,
+                    message,
+                    row.action_id,
+                    row.programme_id,
+                    row.county_code,
+                    attempt=attempts,
+                    now=now,
+                    detail=f"{result.detail} {after.reason}",
+                )
+                if isinstance(after, Fallback):
+                    for fallback in await outbox.enqueue(
+                        conn, [after.message], row.action_id, row.programme_id, row.county_code, now
+                    ):
+                        await self._record(
+                            conn,
+                            NotificationQueued,
+                            fallback,
+                            row.action_id,
+                            row.programme_id,
+                            row.county_code,
+                            attempt=0,
+                            now=now,
+                            detail=f"fallback: {after.reason}",
+                        )
+                elif isinstance(after, GiveUp):
+                    log.warning("notification given up", recipient=message.recipient_id, reason=after.reason)
+
+    async def _fold_into_digest(self, row: outbox.OutboxRow, step: Digest, now: dt.datetime) -> None:
+        """Over budget: this message joins the recipient's digest for the day instead of being lost."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await outbox.record_outcome(
+                conn,
+                row.message.message_id,
+                state="digested",
+                attempts=row.attempts,
+                outcome="digested",
+                detail=step.key,
+                next_attempt_at=None,
+                provider_message_id=None,
+                sent_at=None,
+            )
+            members = await conn.fetch(
+                "SELECT message FROM notifier.outbox WHERE state = 'digested' AND last_detail = $1 ORDER BY queued_at",
+                step.key,
+            )
+            folded = [msgspec.json.decode(r["message"], type=OutboundMessage) for r in members]
+            summary = digest(folded, step.recipient_id, step.day, self._settings)
+            # The digest so far gives way to the digest with this message in it (same key).
+            await conn.execute("DELETE FROM notifier.outbox WHERE action_id = $1 AND state = 'pending'", step.key)
+            await outbox.enqueue(
+                conn, [summary], step.key, row.programme_id, row.county_code, now, send_at=step.send_at
+            )
+
+    async def _update(
+        self, row: outbox.OutboxRow, *, state: str, outcome: str, detail: str, at: dt.datetime | None = None
+    ) -> None:
+        async with self._pool.acquire() as conn:
+            await outbox.record_outcome(
+                conn,
+                row.message.message_id,
+                state=state,
+                attempts=row.attempts,
+                outcome=outcome,
+                detail=detail,
+                next_attempt_at=at,
+                provider_message_id=None,
+                sent_at=None,
+            )
+
+    # -- 3. the record --------------------------------------------------------------------------
+    async def _record(
+        self,
+        conn: Connection,
+        kind: type[NotificationRecorded],
+        message: OutboundMessage,
+        action_id: str,
+        programme_id: str,
+        county_code: str,
+        *,
+        attempt: int,
+        now: dt.datetime,
+        detail: str = "",
+        provider_message_id: str | None = None,
+    ) -> None:
+        payload = kind(
+            message_id=message.message_id,
+            action_id=action_id,
+            recipient_id=message.recipient_id,
+            channel=message.channel,
+            attempt=attempt,
+            address_masked=mask_address(message.address),
+            detail=detail,
+            provider_message_id=provider_message_id,
+        )
+        event_type = event_type_of(payload)  # type: ignore[arg-type]
+        event_id = f"{message.message_id}:{event_type}:{attempt}"
+        envelope = EventEnvelope(
+            event_id=event_id,
+            schema_version=EVENT_SCHEMA_VERSIONS[event_type],
+            programme_id=programme_id,
+            county_code=county_code,
+            occurred_at=now,
+            recorded_at=now,
+            actor=Actor(role="system", user="notifier"),
+            submission_id=hashlib.sha256(event_id.encode()).hexdigest()[:40],
+            submission_digest="",
+            causation_id=action_id,
+            correlation_id=action_id,
+            payload=payload,  # type: ignore[arg-type]
+        )
+        await outbox.add_event(conn, event_id, notifications_subject(programme_id, county_code), encode_event(envelope))
+
+    async def publish_events(self) -> int:
+        """Append recorded outcomes to the stream; returns how many."""
+        async with self._pool.acquire() as conn:
+            pending = await outbox.pending_events(conn)
+        for event_id, subject, data in pending:
+            event_type = decode_event(data).event_type
+            await self._js.publish(subject, data, headers={"Nats-Msg-Id": event_id, EVENT_TYPE_HEADER: event_type})
+        if pending:
+            async with self._pool.acquire() as conn:
+                await outbox.forget_events(conn, [e for e, _, _ in pending])
+        return len(pending)

@@ -1,0 +1,193 @@
+"""The notifier against a real nats-server, PostgreSQL and SMTP server (aiosmtpd, in the test):
+the right people told on the right channels, once in effect, and every outcome on record."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import email.policy
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import pytest_asyncio
+from aiosmtpd.controller import Controller
+
+from contracts.directory import example_directory_path, load_directory
+from contracts.events import EVENT_SCHEMA_VERSIONS, ActionIssued, Actor, EventEnvelope, encode_event
+from contracts.subjects import actions_subject
+from services.common.embedded import free_port
+from services.common.postgres import create_pool
+from services.notifier import outbox
+from services.notifier.channels.file import FileChannel
+from services.notifier.channels.smtp import SmtpChannel
+from services.notifier.delivery import NotifierSettings
+from services.notifier.service import Notifier
+from tests.harness import PROGRAMME, Harness
+
+pytestmark = pytest.mark.integration
+SHANGHAI = dt.timezone(dt.timedelta(hours=8))
+DIRECTORY = load_directory(example_directory_path(), PROGRAMME)
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], email.message.EmailMessage]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        self.messages.append((list(envelope.rcpt_tos), parsed))  # type: ignore[arg-type]
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    inbox, port = Inbox(), free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield inbox, port
+    finally:
+        controller.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def notifier(
+    harness: Harness, fresh_database: str, smtp: tuple[Inbox, int], tmp_path: Path
+) -> AsyncIterator[Notifier]:
+    pool = await create_pool(fresh_database)
+    async with pool.acquire() as conn:
+        await outbox.migrate(conn)
+    nc = await nats.connect(harness.nc.connected_url.geturl())  # type: ignore[union-attr]
+    channels = {
+        "file": FileChannel(tmp_path / "sms.jsonl"),
+        "email": SmtpChannel("127.0.0.1", smtp[1], security="none", sender="duban@example.org"),
+    }
+    settings = NotifierSettings(channels=("file", "email"), quiet_channels=("file",))
+    service = Notifier(pool, nc.jetstream(), channels, DIRECTORY, settings, {PROGRAMME.id: PROGRAMME}, harness.clock)
+    try:
+        yield service
+    finally:
+        for channel in channels.values():
+            await channel.aclose()
+        await nc.close()
+        await pool.close()
+
+
+def action(county: str, level: str = "overdue_notice", urgent: bool = False) -> ActionIssued:
+    return ActionIssued(
+        action_id=f"{PROGRAMME.id}:{county}:{level}:1.2:2017-05-02",
+        level_id=level,
+        level_name="逾期通知",
+        policy_version="2017.1",
+        due_on=dt.date(2017, 5, 3),
+        addressed=("responsible_person",),
+        explanation_zh="里程碑1.2《建设方案通过评审》完成时限2017年4月30日（遇休息日顺延至2017年5月2日），已逾期1个工作日。",
+        milestone_id="1.2",
+        deadline=dt.date(2017, 5, 2),
+        workdays=1,
+        urgent=urgent,
+    )
+
+
+async def publish_action(harness: Harness, county: str, payload: ActionIssued) -> tuple[int, bytes]:
+    now = harness.clock.now()
+    envelope = EventEnvelope(
+        event_id=payload.action_id,
+        schema_version=EVENT_SCHEMA_VERSIONS["action_issued"],
+        programme_id=PROGRAMME.id,
+        county_code=county,
+        occurred_at=now,
+        recorded_at=now,
+        actor=Actor(role="system", user="escalation"),
+        submission_id=payload.action_id,
+        submission_digest="",
+        causation_id=payload.action_id,
+        correlation_id=payload.action_id,
+        payload=payload,
+    )
+    data = encode_event(envelope)
+    ack = await harness.js.publish(actions_subject(PROGRAMME.id, county), data)
+    return ack.seq, data
+
+
+async def drain(service: Notifier) -> None:
+    while await service.work_once():
+        pass
+    await service.publish_events()
+
+
+def sms_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines()] if path.exists() else []
+
+
+async def test_the_right_people_are_told_once(
+    harness: Harness, notifier: Notifier, smtp: tuple[Inbox, int], tmp_path: Path
+) -> None:
+    harness.clock.set(dt.datetime(2017, 5, 3, 10, tzinfo=SHANGHAI))
+    nanle = await publish_action(harness, "410923", action("410923"))
+    qingfeng = await publish_action(harness, "410922", action("410922"))
+    await notifier.apply_batch([nanle, qingfeng])
+    await drain(notifier)
+    inbox = smtp[0]
+    recipients = sorted(r for rcpts, _ in inbox.messages for r in rcpts)
+    # 南乐县's action reaches 刘冰 (410923), 清丰县's reaches 刘兵 (410922): by county and role.
+    assert recipients == ["liu-bing.410922@example.org", "liu-bing.410923@example.org"]
+    subjects = {rcpts[0]: msg["Subject"] for rcpts, msg in inbox.messages}
+    assert "南乐县" in subjects["liu-bing.410923@example.org"] and "清丰县" in subjects["liu-bing.410922@example.org"]
+    body = next(m for r, m in inbox.messages if r == ["liu-bing.410923@example.org"]).get_body().get_content()
+    assert "已逾期1个工作日" in body
+    assert sorted(line["recipient_id"] for line in sms_lines(tmp_path / "sms.jsonl")) == [
+        "410922-liu-bing",
+        "410923-liu-bing",
+    ]
+    # Redelivered action events plan nothing new and send nothing again.
+    await notifier.apply_batch([nanle, qingfeng])
+    await drain(notifier)
+    assert len(inbox.messages) == 2 and len(sms_lines(tmp_path / "sms.jsonl")) == 2
+    # Every outcome is in the county's history: queued and sent, per channel, numbers masked.
+    events = [env for _, env in await harness.events("410923.notifications")]
+    kinds = sorted((e.event_type, e.payload.channel) for e in events)  # type: ignore[union-attr]
+    assert kinds == [
+        ("notification_queued", "email"),
+        ("notification_queued", "file"),
+        ("notification_sent", "email"),
+        ("notification_sent", "file"),
+    ]
+    assert all("13800000" not in json.dumps(e.payload.address_masked) for e in events)  # type: ignore[union-attr]
+
+
+async def test_a_crash_between_sent_and_recorded_resends_once_with_the_same_id(
+    harness: Harness, notifier: Notifier, smtp: tuple[Inbox, int]
+) -> None:
+    harness.clock.set(dt.datetime(2017, 5, 3, 10, tzinfo=SHANGHAI))
+    await notifier.apply_batch([await publish_action(harness, "410926", action("410926"))])
+    # The sender leases the rows and sends — and "crashes" before writing the outcome.
+    async with notifier._pool.acquire() as conn:
+        rows = await outbox.claim_due(conn, harness.clock.now())
+    email_row = next(r for r in rows if r.message.channel == "email")
+    await notifier._channels["email"].send(email_row.message)
+    # Restarted: nothing is due while the lease holds; after it expires, one resend.
+    assert await notifier.work_once() == 0
+    harness.clock.advance(outbox.LEASE + dt.timedelta(seconds=1))
+    await drain(notifier)
+    harness.clock.advance(dt.timedelta(hours=1))
+    await drain(notifier)
+    copies = [m for rcpts, m in smtp[0].messages if rcpts == ["zhao-liling.410926@example.org"]]
+    assert len(copies) == 2  # the original and at most one resend
+    assert copies[0]["Message-ID"] == copies[1]["Message-ID"]  # the same id: recognisably one message
+
+
+async def test_quiet_hours_hold_non_urgent_messages_until_morning(
+    harness: Harness, notifier: Notifier, tmp_path: Path
+) -> None:
+    harness.clock.set(dt.datetime(2017, 5, 3, 23, 30, tzinfo=SHANGHAI))
+    await notifier.apply_batch([await publish_action(harness, "410927", action("410927"))])
+    await drain(notifier)
+    assert sms_lines(tmp_path / "sms.jsonl") == []  # held (the file channel stands in for SMS here)
+    harness.clock.set(dt.datetime(2017, 5, 4, 8, 0, 1, tzinfo=SHANGHAI))
+    await drain(notifier)
+    assert [line["recipient_id"] for line in sms_lines(tmp_path / "sms.jsonl")] == ["410927-wang-junhai"]
