@@ -7,6 +7,7 @@ import datetime as dt
 import email
 import email.policy
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import nats
 import pytest
 import pytest_asyncio
+import structlog
 from aiosmtpd.controller import Controller
 
 from contracts.directory import example_directory_path, load_directory
@@ -191,3 +193,16 @@ async def test_quiet_hours_hold_non_urgent_messages_until_morning(
     harness.clock.set(dt.datetime(2017, 5, 4, 8, 0, 1, tzinfo=SHANGHAI))
     await drain(notifier)
     assert [line["recipient_id"] for line in sms_lines(tmp_path / "sms.jsonl")] == ["410927-wang-junhai"]
+
+
+async def test_no_full_phone_number_or_secret_in_any_log_line(
+    harness: Harness, notifier: Notifier, tmp_path: Path
+) -> None:
+    harness.clock.set(dt.datetime(2017, 5, 3, 10, tzinfo=SHANGHAI))
+    with structlog.testing.capture_logs() as logs:
+        await notifier.apply_batch([await publish_action(harness, "410923", action("410923"))])
+        await drain(notifier)
+    assert any(entry["event"] == "notification sent" for entry in logs)
+    text = json.dumps(logs, ensure_ascii=False, default=str)
+    assert not re.search(r"1[3-9]\d{9}", text), text  # no mainland mobile number in full
+    assert "+8613800000005" not in text and "13800000005" not in text
