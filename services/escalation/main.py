@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 
 import msgspec
 import structlog
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
@@ -48,32 +49,48 @@ Q = TypeVar("Q")
 async def follow(
     js: JetStreamContext, service: EscalationService, stop: asyncio.Event, caught_up: asyncio.Event
 ) -> None:
-    """Fold every stored event in order; once caught up, judge each county as its events arrive."""
+    """Fold every stored event in order; once caught up, judge each county as its events arrive.
+
+    A pull consumer without acks: escalation's state is rebuilt from the stream at every start,
+    and pulling means a slow judge is never outrun (a push consumer would drop messages).
+    """
     info = await js.stream_info(EVENTS_STREAM)
     backlog_end = int(info.state.last_seq)
     if backlog_end == 0:
         caught_up.set()
         await service.judge()
-    sub = await js.subscribe(EVENTS_ALL, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    sub = await js.pull_subscribe(
+        EVENTS_ALL,
+        stream=EVENTS_STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60),
+    )
+    last = 0
     try:
         while not stop.is_set():
             try:
-                msg = await sub.next_msg(timeout=0.5)
-            except TimeoutError:
+                messages = await sub.fetch(1000, timeout=0.5)
+            except (NatsTimeoutError, TimeoutError):
                 continue
-            sequence = msg.metadata.sequence.stream
-            try:
-                key = service.observe(sequence, decode_event(msg.data))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.error("event skipped: cannot decode", stream_sequence=sequence, error=str(exc))
-                continue
+            touched: set[tuple[str, str]] = set()
+            for msg in messages:
+                sequence = msg.metadata.sequence.stream
+                if sequence != last + 1:
+                    log.error("escalation saw a gap in the stream", expected=last + 1, got=sequence)
+                last = sequence
+                try:
+                    key = service.observe(sequence, decode_event(msg.data))
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.error("event skipped: cannot decode", stream_sequence=sequence, error=str(exc))
+                    continue
+                if key is not None:
+                    touched.add(key)
             if not caught_up.is_set():
-                if sequence >= backlog_end:
+                if last >= backlog_end:
                     caught_up.set()
                     await service.judge()  # everything, once, after the backlog
                 continue
-            if key is not None:
-                await service.judge([key])
+            if touched:
+                await service.judge(touched)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()

@@ -168,6 +168,9 @@ class EscalationService:
             issued = recorded_as(ActionIssued, proposal, confirmed_by=request.operator)
             confirmed = ActionConfirmed(action_id=request.action_id, operator=request.operator, note=request.note)
             await self._append(key[0], key[1], [confirmed, issued], f"{request.action_id}:confirmed")
+            # Stored: reflect it now, so a second confirmation is refused before the events come
+            # back through the stream (folding them then changes nothing).
+            action.state, action.decided_by = "issued", request.operator
             return _view(key, action)
 
     async def waive(self, request: WaiveAction) -> ActionView:
@@ -182,6 +185,7 @@ class EscalationService:
                 raise OpsFailure("bad_request", "免予处理须说明理由", "a waiver needs a reason")
             waived = ActionWaived(action_id=request.action_id, operator=request.operator, reason=request.reason)
             await self._append(key[0], key[1], [waived], f"{request.action_id}:waived")
+            action.state, action.decided_by, action.waive_reason = "waived", request.operator, request.reason
             return _view(key, action)
 
     def _proposal(self, key: Key, action_id: str) -> ActionProposed:

@@ -47,7 +47,8 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
 
         async def rebuild(request: Request) -> None:
             async with pause:
-                result = await projection.rebuild(read_stream(js))
+                end = int((await js.stream_info(EVENTS_STREAM)).state.last_seq)
+                result = await projection.rebuild(read_stream(js), expected_last=end)
             rate = result.events / result.seconds if result.seconds else 0.0
             log.info("ledger rebuilt", events=result.events, seconds=round(result.seconds, 2))
             report = RebuildReport(

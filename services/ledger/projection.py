@@ -209,7 +209,9 @@ class LedgerProjection:
             updated.append(ledger)
         await write_states(conn, updated)
 
-    async def rebuild(self, batches: AsyncIterable[Sequence[StoredMessage]]) -> RebuildResult:
+    async def rebuild(
+        self, batches: AsyncIterable[Sequence[StoredMessage]], expected_last: int | None = None
+    ) -> RebuildResult:
         """Drop the read model and build it again from the stream, in large batches.
 
         ``batches`` yields batches in stream order from the first event. The log goes in by
@@ -224,6 +226,12 @@ class LedgerProjection:
             await conn.execute("TRUNCATE " + ", ".join(f"ledger.{t}" for t in READ_MODEL_TABLES if t != "checkpoint"))
             await conn.execute("DELETE FROM ledger.checkpoint WHERE projection = $1", PROJECTION)
             async for batch in batches:
+                for message in batch:
+                    # The stream has no holes: anything but the next sequence means events went
+                    # missing on the way here, and a rebuild must not commit past them.
+                    if message.sequence != last + 1:
+                        raise GapError(last, message.sequence)
+                    last = message.sequence
                 events = await self._decode_or_park(conn, batch)
                 await self._insert_log(conn, events)
                 for seq, envelope in events:
@@ -237,8 +245,8 @@ class LedgerProjection:
                     if not apply(programme, ledger, seq, envelope):
                         refold.add(key)
                 count += len(batch)
-                if batch:
-                    last = batch[-1].sequence
+            if expected_last is not None and last != expected_last:
+                raise GapError(last, expected_last + 1)  # the stream's end was not reached
             for programme_id, county_code in refold:
                 programme = self._programmes[programme_id]
                 states[(programme_id, county_code)] = fold(

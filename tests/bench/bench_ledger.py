@@ -48,7 +48,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,7 @@ from services.common.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E40
 from services.common.jetstream import ensure_streams  # noqa: E402
 from services.common.postgres import create_pool  # noqa: E402
 from services.ledger.consumer import read_stream, run_live  # noqa: E402
-from services.ledger.projection import READ_MODEL_TABLES, LedgerProjection, migrate  # noqa: E402
+from services.ledger.projection import READ_MODEL_TABLES, LedgerProjection, StoredMessage, migrate  # noqa: E402
 
 CST = dt.timezone(dt.timedelta(hours=8))
 PROGRAMME_START = dt.datetime(2017, 3, 1, 9, 0, tzinfo=CST)
@@ -401,6 +401,11 @@ class EventSource:
 # ------------------------------------------------------------------------------------------
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+NATS_ERRORS: dict[str, int] = {}  # errors reported to the connection's error callback, by type
+
+
+def nats_errors_since(before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in NATS_ERRORS.items() if v - before.get(k, 0)}
 
 
 def _stat(pid: int) -> tuple[int, float] | None:
@@ -513,7 +518,7 @@ def mib(n: int | float) -> float:
 async def bulk_append(nc: NatsClient, source: EventSource, n: int, window: int, chunk: int) -> dict[str, Any]:
     """Core publishes with a reply inbox; at most ``window`` unacknowledged; acks counted."""
     inbox = nc.new_inbox()
-    state = {"outstanding": 0, "acked": 0, "errors": 0, "duplicates": 0, "first_error": ""}
+    state: dict[str, Any] = {"outstanding": 0, "acked": 0, "errors": 0, "duplicates": 0, "first_error": ""}
     room = asyncio.Event()
     low = window // 2
 
@@ -617,6 +622,37 @@ async def read_stream_only(js: JetStreamContext) -> tuple[float, int]:
     async for batch in read_stream(js):
         count += len(batch)
     return time.perf_counter() - t0, count
+
+
+async def callback_read_stream(js: JetStreamContext, batch_size: int = 5000) -> AsyncIterator[list[StoredMessage]]:
+    """NOT the ledger's code: a bench-local reader to show what rebuild() does when fed without
+    losses. An ordered consumer with a callback (no task per message, as next_msg makes) and
+    nats-py's default pending limits; full batches go through a small bounded queue, so a slow
+    rebuild holds the callback, which holds the flow-control reply, which holds the server."""
+    info = await js.stream_info(EVENTS_STREAM)
+    last = int(info.state.last_seq)
+    if info.state.messages == 0:
+        return
+    batches: asyncio.Queue[list[StoredMessage]] = asyncio.Queue(maxsize=4)
+    batch: list[StoredMessage] = []
+
+    async def on_msg(msg: Msg) -> None:
+        nonlocal batch
+        sequence = msg.metadata.sequence.stream
+        batch.append(StoredMessage(sequence, msg.data))
+        if len(batch) >= batch_size or sequence >= last:
+            full, batch = batch, []
+            await batches.put(full)
+
+    sub = await js.subscribe(EVENTS_ALL, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=on_msg)
+    try:
+        while True:
+            full = await asyncio.wait_for(batches.get(), 30)
+            yield full
+            if full[-1].sequence >= last:
+                return
+    finally:
+        await sub.unsubscribe()
 
 
 async def table_sizes(pool: asyncpg.Pool) -> dict[str, dict[str, Any]]:
@@ -742,7 +778,11 @@ async def steady_lag(
     del items
     timeline: list[tuple[float, int]] = []  # (observed at, checkpoint), checkpoint non-decreasing
     child = await asyncio.create_subprocess_exec(
-        sys.executable, str(Path(__file__).resolve()), "--lag-child", str(job), str(out)
+        sys.executable,
+        str(Path(__file__).resolve()),  # noqa: ASYNC240
+        "--lag-child",
+        str(job),
+        str(out),
     )
     async with pool.acquire() as conn:
 
@@ -820,7 +860,7 @@ async def steady_lag(
 async def lag_child(job_path: str, out_path: str) -> None:
     """The steady publisher of the lag test (a separate process): js.publish per event, each in its
     own task at its scheduled time; writes [seq, t_publish, t_ack] per event."""
-    job = pickle.loads(Path(job_path).read_bytes())
+    job = pickle.loads(Path(job_path).read_bytes())  # noqa: ASYNC240
     rate, items = job["rate"], job["items"]
     nc = await nats.connect(job["url"])
     js = nc.jetstream()
@@ -852,7 +892,7 @@ async def lag_child(job_path: str, out_path: str) -> None:
         "achieved_rate": round(len(items) / seconds, 1),
         "cpu_s": round(time.process_time() - cpu0, 2),
     }
-    Path(out_path).write_text(json.dumps(report))
+    Path(out_path).write_text(json.dumps(report))  # noqa: ASYNC240
 
 
 # ------------------------------------------------------------------------------------------
@@ -878,7 +918,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         nats_pid = nats_server.pid
         pg_proc = getattr(pg, "_proc", None)
         pg_pid = pg_proc.pid if pg_proc is not None else None
-        nc = await nats.connect(nats_server.url)
+
+        async def on_error(exc: Exception) -> None:
+            name = type(exc).__name__
+            NATS_ERRORS[name] = NATS_ERRORS.get(name, 0) + 1
+
+        nc = await nats.connect(nats_server.url, error_cb=on_error)
         js = nc.jetstream()
         await ensure_streams(js)
         pool = await create_pool(pg.dsn, min_size=2, max_size=5)
@@ -917,27 +962,52 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         n = last_seq
         log("baselines …")
         baselines: dict[str, Any] = {}
-        for name, run in (
+        runs: tuple[tuple[str, Callable[[], Awaitable[float]]], ...] = (
             ("raw_ordered_cb", lambda: raw_consume_cb(js, n, decode=False)),
             ("raw_ordered_next_msg", lambda: raw_consume_next(js, n)),
             ("raw_ordered_cb_decode", lambda: raw_consume_cb(js, n, decode=True)),
-        ):
+        )
+        for name, run in runs:
+            errors0 = dict(NATS_ERRORS)
+            try:
+                with Phase(pg_pid, nats_pid) as ph:
+                    seconds = await run()
+            except Exception as exc:  # a finding, not the end of the run
+                baselines[name] = {"failed": f"{type(exc).__name__}: {exc}", "nats_errors": nats_errors_since(errors0)}
+                log(f"  {name}: FAILED {baselines[name]}")
+                continue
+            baselines[name] = {
+                "seconds": round(seconds, 2),
+                "events_per_s": round(n / seconds),
+                "cpu": ph.cpu,
+                "nats_errors": nats_errors_since(errors0),
+            }
+            log(f"  {name}: {n / seconds:,.0f} ev/s {baselines[name]['nats_errors'] or ''}")
+        errors0 = dict(NATS_ERRORS)
+        try:
             with Phase(pg_pid, nats_pid) as ph:
-                seconds = await run()
-            baselines[name] = {"seconds": round(seconds, 2), "events_per_s": round(n / seconds), "cpu": ph.cpu}
-            log(f"  {name}: {n / seconds:,.0f} ev/s")
-        with Phase(pg_pid, nats_pid) as ph:
-            seconds, count = await read_stream_only(js)
-        baselines["read_stream_no_db"] = {
-            "seconds": round(seconds, 2),
-            "events_per_s": round(count / seconds),
-            "cpu": ph.cpu,
-        }
-        log(f"  read_stream_no_db: {count / seconds:,.0f} ev/s")
+                seconds, count = await read_stream_only(js)
+            baselines["read_stream_no_db"] = {
+                "seconds": round(seconds, 2),
+                "events_per_s": round(count / seconds),
+                "events_read": count,
+                "cpu": ph.cpu,
+                "nats_errors": nats_errors_since(errors0),
+            }
+            log(f"  read_stream_no_db: {count / seconds:,.0f} ev/s, {count:,} read")
+        except Exception as exc:
+            baselines["read_stream_no_db"] = {
+                "failed": f"{type(exc).__name__}: {exc}",
+                "nats_errors": nats_errors_since(errors0),
+            }
+            log(f"  read_stream_no_db: FAILED {baselines['read_stream_no_db']}")
         raw_rate = baselines["raw_ordered_cb"]["events_per_s"]
         for b in baselines.values():
-            b["ratio_to_raw"] = round(b["events_per_s"] / raw_rate, 3)
-        decode_share = 1 - baselines["raw_ordered_cb"]["seconds"] / baselines["raw_ordered_cb_decode"]["seconds"]
+            if "events_per_s" in b:
+                b["ratio_to_raw"] = round(b["events_per_s"] / raw_rate, 3)
+        decode_share = 1 - baselines["raw_ordered_cb"]["seconds"] / baselines["raw_ordered_cb_decode"].get(
+            "seconds", float("nan")
+        )
         baselines["decode_share_of_decode_baseline"] = round(decode_share, 3)
         results["baselines"] = baselines
         gc.collect()
@@ -946,39 +1016,98 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         log("rebuild …")
         rss_before = vm_field("VmRSS")
         hwm_reset = reset_peak_rss()
-        with Phase(pg_pid, nats_pid) as ph, RssSampler() as rss:
-            result = await projection.rebuild(read_stream(js))
+        errors0 = dict(NATS_ERRORS)
+        failure = None
+        try:
+            with Phase(pg_pid, nats_pid) as ph, RssSampler() as rss:
+                result = await projection.rebuild(read_stream(js))
+        except Exception as exc:  # a finding: report it, carry on with the other phases
+            failure = f"{type(exc).__name__}: {exc}"
+            result = None
         hwm = vm_field("VmHWM") if hwm_reset else 0
         peak = max(rss.max, hwm)
-        rebuild = {
+        if result is None:
+            rebuild: dict[str, Any] = {
+                "failed": failure,
+                "seconds_until_failure": round(ph.seconds, 2),
+                "nats_errors": nats_errors_since(errors0),
+                "read_model": await read_model_digest(pool),
+                "rss_peak_mib": mib(peak),
+                "rss_delta_mib": mib(peak - rss_before),
+            }
+            results["rebuild"] = rebuild
+            rebuild_digest = rebuild["read_model"]
+            log(f"  rebuild FAILED: {rebuild}")
+        else:
+            rebuild = {
+                "events": result.events,
+                "nats_errors": nats_errors_since(errors0),
+                "seconds": round(ph.seconds, 2),
+                "events_per_s": round(result.events / ph.seconds),
+                "ratio_to_raw": round(result.events / ph.seconds / raw_rate, 3),
+                "ratio_to_read_stream_no_db": round(
+                    result.events / ph.seconds / baselines["read_stream_no_db"].get("events_per_s", float("nan")), 3
+                ),
+                "seconds_per_million": round(ph.seconds / result.events * 1_000_000, 1),
+                "rss_before_mib": mib(rss_before),
+                "rss_peak_mib": mib(peak),
+                "rss_delta_mib": mib(peak - rss_before),
+                "peak_source": "VmHWM after clear_refs" if hwm_reset else "VmRSS sampled every 50 ms",
+                "ru_maxrss_lifetime_mib": mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+                "cpu": ph.cpu,
+            }
+            rebuild["goal_ratio_met"] = rebuild["ratio_to_raw"] >= GOAL_RATIO
+            rebuild["goal_1m_under_60s_met"] = rebuild["seconds_per_million"] < GOAL_SECONDS_PER_MILLION
+            rebuild["table_sizes"] = await table_sizes(pool)
+            rebuild_digest = await read_model_digest(pool)
+            rebuild["read_model"] = rebuild_digest
+            results["rebuild"] = rebuild
+            log(f"  {rebuild['events_per_s']:,} ev/s, {rebuild['seconds']} s, ratio {rebuild['ratio_to_raw']}")
+            if rebuild_digest["parked_rows"]:
+                log(f"  WARNING: {rebuild_digest['parked_rows']} events parked: the generator made invalid events")
+            rebuild["complete"] = rebuild_digest["event_log_rows"] == n
+            if not rebuild["complete"]:
+                log(f"  WARNING: rebuild finished with {rebuild_digest['event_log_rows']:,} of {n:,} events in the log")
+
+        # 3b. the same rebuild() fed by a lossless callback reader (bench-local) ------------
+        log("rebuild fed by a callback reader (bench-local, lossless) …")
+        rss_before = vm_field("VmRSS")
+        hwm_reset = reset_peak_rss()
+        errors0 = dict(NATS_ERRORS)
+        with Phase(pg_pid, nats_pid) as ph, RssSampler() as rss:
+            result = await projection.rebuild(callback_read_stream(js))
+        peak = max(rss.max, vm_field("VmHWM") if hwm_reset else 0)
+        digest = await read_model_digest(pool)
+        rebuild_cb = {
             "events": result.events,
+            "complete": digest["event_log_rows"] == n,
+            "nats_errors": nats_errors_since(errors0),
             "seconds": round(ph.seconds, 2),
             "events_per_s": round(result.events / ph.seconds),
             "ratio_to_raw": round(result.events / ph.seconds / raw_rate, 3),
-            "ratio_to_read_stream_no_db": round(
-                result.events / ph.seconds / baselines["read_stream_no_db"]["events_per_s"], 3
-            ),
             "seconds_per_million": round(ph.seconds / result.events * 1_000_000, 1),
             "rss_before_mib": mib(rss_before),
             "rss_peak_mib": mib(peak),
             "rss_delta_mib": mib(peak - rss_before),
-            "peak_source": "VmHWM after clear_refs" if hwm_reset else "VmRSS sampled every 50 ms",
-            "ru_maxrss_lifetime_mib": mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
             "cpu": ph.cpu,
+            "table_sizes": await table_sizes(pool),
+            "read_model": digest,
         }
-        rebuild["goal_ratio_met"] = rebuild["ratio_to_raw"] >= GOAL_RATIO
-        rebuild["goal_1m_under_60s_met"] = rebuild["seconds_per_million"] < GOAL_SECONDS_PER_MILLION
-        rebuild["table_sizes"] = await table_sizes(pool)
-        rebuild_digest = await read_model_digest(pool)
-        rebuild["read_model"] = rebuild_digest
-        results["rebuild"] = rebuild
-        log(f"  {rebuild['events_per_s']:,} ev/s, {rebuild['seconds']} s, ratio {rebuild['ratio_to_raw']}")
-        if rebuild_digest["parked_rows"]:
-            log(f"  WARNING: {rebuild_digest['parked_rows']} events parked: the generator made invalid events")
+        rebuild_cb["goal_ratio_met"] = rebuild_cb["ratio_to_raw"] >= GOAL_RATIO
+        rebuild_cb["goal_1m_under_60s_met"] = rebuild_cb["seconds_per_million"] < GOAL_SECONDS_PER_MILLION
+        results["rebuild_callback_reader"] = rebuild_cb
+        rebuild_digest = digest
+        log(
+            f"  {rebuild_cb['events_per_s']:,} ev/s, {rebuild_cb['seconds']} s, ratio {rebuild_cb['ratio_to_raw']},"
+            f" complete={rebuild_cb['complete']}"
+        )
 
         if args.profile:
             log(f"profiled rebuild (pyinstrument) → {args.profile} …")
-            results["rebuild_profiled"] = await profiled_rebuild(projection, js, Path(args.profile))
+            try:
+                results["rebuild_profiled"] = await profiled_rebuild(projection, js, Path(args.profile))
+            except Exception as exc:
+                results["rebuild_profiled"] = {"failed": f"{type(exc).__name__}: {exc}"}
 
         # 4. live catch-up ---------------------------------------------------------------
         if not args.skip_catchup:
@@ -987,7 +1116,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 catchup, live = await live_catchup(js, pool, projection, last_seq, args.catchup_max_seconds)
             catchup["cpu"] = ph.cpu
             catchup["ratio_to_raw"] = round(catchup["events_per_s"] / raw_rate, 3)
-            catchup["ratio_to_rebuild"] = round(catchup["events_per_s"] / rebuild["events_per_s"], 3)
+            catchup["ratio_to_rebuild"] = round(catchup["events_per_s"] / rebuild_cb["events_per_s"], 3)
             if catchup["finished"]:
                 await asyncio.sleep(0.5)
                 digest = await read_model_digest(pool)
@@ -1002,7 +1131,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 await stop_live(live)
                 live = None
                 log("  not finished: rebuilding to the end so the lag test starts caught up …")
-                await projection.rebuild(read_stream(js))
+                await projection.rebuild(callback_read_stream(js))
 
         # 5. lag under steady load -------------------------------------------------------
         if args.lag_rates:
@@ -1051,10 +1180,10 @@ async def profiled_rebuild(projection: LedgerProjection, js: JetStreamContext, p
     profiler = Profiler(interval=0.001, async_mode="disabled")
     t0 = time.perf_counter()
     profiler.start()
-    result = await projection.rebuild(read_stream(js))
+    result = await projection.rebuild(callback_read_stream(js))
     profiler.stop()
     seconds = time.perf_counter() - t0
-    path.write_text(profiler.output_text(unicode=True, color=False, show_all=False))
+    path.write_text(profiler.output_text(unicode=True, color=False, show_all=False))  # noqa: ASYNC240
     from pyinstrument.renderers import ConsoleRenderer
 
     flat = ConsoleRenderer(unicode=True, color=False, flat=True, show_all=True)
@@ -1088,28 +1217,65 @@ def render_table(r: dict[str, Any]) -> str:
         ("read_stream_no_db", "ledger read_stream(), no database"),
     ):
         x = b[name]
-        rows.append((label, f"{x['events_per_s']:,} ev/s", f"{x['ratio_to_raw']:.2f}× raw"))
+        if "failed" in x:
+            rows.append((label, "FAILED", f"{x['failed'][:60]} {x.get('nats_errors') or ''}"))
+            continue
+        note = f" nats errors: {x['nats_errors']}" if x.get("nats_errors") else ""
+        rows.append((label, f"{x['events_per_s']:,} ev/s", f"{x['ratio_to_raw']:.2f}× raw{note}"))
     rb = r["rebuild"]
-    rows.append(
-        ("REBUILD (rebuild(read_stream(js)))", f"{rb['events_per_s']:,} ev/s", f"{rb['ratio_to_raw']:.2f}× raw")
-    )
-    rows.append(("  rebuild seconds / per 1M events", f"{rb['seconds']} s", f"{rb['seconds_per_million']} s/1M"))
-    rows.append(("  rebuild peak RSS / delta", f"{rb['rss_peak_mib']} MiB", f"+{rb['rss_delta_mib']} MiB"))
-    c = rb["cpu"]
-    rows.append(
-        (
-            "  rebuild CPU: bench / postgres / nats",
-            f"{c['bench_process_s']} / {c['postgres_s']} / {c['nats_server_s']} s",
-            "",
+    if "failed" in rb:
+        rows.append(("REBUILD (rebuild(read_stream(js)))", "FAILED", f"{rb['failed'][:60]} {rb.get('nats_errors')}"))
+        rows.append(("  rows in event_log after the failure", f"{rb['read_model']['event_log_rows']:,}", ""))
+    else:
+        rows.append(
+            ("REBUILD (rebuild(read_stream(js)))", f"{rb['events_per_s']:,} ev/s", f"{rb['ratio_to_raw']:.2f}× raw")
         )
-    )
+        rows.append(("  rebuild seconds / per 1M events", f"{rb['seconds']} s", f"{rb['seconds_per_million']} s/1M"))
+        rows.append(("  rebuild peak RSS / delta", f"{rb['rss_peak_mib']} MiB", f"+{rb['rss_delta_mib']} MiB"))
+        c = rb["cpu"]
+        rows.append(
+            (
+                "  rebuild CPU: bench / postgres / nats",
+                f"{c['bench_process_s']} / {c['postgres_s']} / {c['nats_server_s']} s",
+                "",
+            )
+        )
+    if "rebuild_callback_reader" in r:
+        rc = r["rebuild_callback_reader"]
+        rows.append(
+            (
+                "REBUILD fed by callback reader (bench-local)",
+                f"{rc['events_per_s']:,} ev/s",
+                f"{rc['ratio_to_raw']:.2f}× raw",
+            )
+        )
+        rows.append(
+            (
+                "  seconds / per 1M / complete",
+                f"{rc['seconds']} s",
+                f"{rc['seconds_per_million']} s/1M, complete={rc['complete']}",
+            )
+        )
+        rows.append(("  peak RSS / delta", f"{rc['rss_peak_mib']} MiB", f"+{rc['rss_delta_mib']} MiB"))
+        c = rc["cpu"]
+        rows.append(
+            (
+                "  CPU: bench / postgres / nats",
+                f"{c['bench_process_s']} / {c['postgres_s']} / {c['nats_server_s']} s",
+                "",
+            )
+        )
     if "live_catchup" in r:
         lc = r["live_catchup"]
         rows.append(
             ("LIVE CATCH-UP (run_live from 1)", f"{lc['events_per_s']:,} ev/s", f"{lc['ratio_to_raw']:.3f}× raw")
         )
         rows.append(
-            ("  catch-up vs rebuild / finished", f"{lc['ratio_to_rebuild']:.3f}× rebuild", f"finished={lc['finished']}")
+            (
+                "  catch-up vs rebuild / finished",
+                f"{lc.get('ratio_to_rebuild', float('nan')):.3f}× rebuild",
+                f"finished={lc['finished']}",
+            )
         )
         if "same_read_model_as_rebuild" in lc:
             rows.append(("  live read model == rebuild read model", str(lc["same_read_model_as_rebuild"]), ""))
@@ -1137,17 +1303,18 @@ def render_table(r: dict[str, Any]) -> str:
     lines.append("-" * (w0 + w1 + 24))
     lines += [f"{x[0]:<{w0}}  {x[1]:>{w1}}  {x[2]}" for x in rows]
     lines.append("")
-    lines.append("table sizes after rebuild:")
-    for name, t in rb["table_sizes"].items():
+    if "failed" not in rb:
+        lines.append("table sizes after rebuild:")
+        for name, t in rb["table_sizes"].items():
+            lines.append(
+                f"  ledger.{name:<14} {t['rows']:>10,} rows  {t['total_mib']:>8} MiB total"
+                f" ({t['heap_mib']} heap, {t['indexes_mib']} indexes)"
+            )
         lines.append(
-            f"  ledger.{name:<14} {t['rows']:>10,} rows  {t['total_mib']:>8} MiB total"
-            f" ({t['heap_mib']} heap, {t['indexes_mib']} indexes)"
+            f"goals: rebuild ≥ {GOAL_RATIO:.0%} of raw: {'MET' if rb['goal_ratio_met'] else 'NOT MET'};"
+            f" 1M under {GOAL_SECONDS_PER_MILLION:g} s: {'MET' if rb['goal_1m_under_60s_met'] else 'NOT MET'}"
+            f" ({rb['seconds_per_million']} s per 1M)"
         )
-    lines.append(
-        f"goals: rebuild ≥ {GOAL_RATIO:.0%} of raw: {'MET' if rb['goal_ratio_met'] else 'NOT MET'};"
-        f" 1M under {GOAL_SECONDS_PER_MILLION:g} s: {'MET' if rb['goal_1m_under_60s_met'] else 'NOT MET'}"
-        f" ({rb['seconds_per_million']} s per 1M)"
-    )
     return "\n".join(lines)
 
 

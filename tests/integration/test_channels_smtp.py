@@ -11,7 +11,7 @@ import email.policy
 import ipaddress
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,7 @@ class Recorder:
     messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
     logins: list[str] = field(default_factory=list)
 
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
-    ) -> str:
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]) -> str:
         if address == REFUSED:
             return "550 5.1.1 <nobody@example.org>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)
@@ -124,7 +122,7 @@ class Server:
     port: int
 
 
-def _start(mode: str, certificate: tuple[Path, Path]) -> Iterator[Server]:
+def _start(mode: str, certificate: tuple[Path, Path]) -> Generator[Server, None, None]:
     recorder = Recorder()
     port = _free_port()
     kwargs: dict[str, Any] = {"authenticator": recorder.authenticator, "auth_required": True}
@@ -188,7 +186,7 @@ def _assert_delivered(server: Server, message: OutboundMessage) -> None:
     plain = parsed.get_body(preferencelist=("plain",))
     assert plain is not None
     assert plain.get_content_charset() == "utf-8"
-    assert plain.get_content().rstrip("\n") == BODY  # type: ignore[attr-defined]
+    assert plain.get_content().rstrip("\n") == BODY
     # The subject went over the wire RFC 2047-encoded, not as raw UTF-8.
     raw_subject = next(line for line in raw.split(b"\r\n") if line.startswith(b"Subject:"))
     assert raw_subject.isascii() and b"=?utf-8?" in raw_subject.lower()

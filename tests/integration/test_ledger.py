@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import io
 import json
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import openpyxl
@@ -31,6 +32,7 @@ from contracts.ledger import (
 from contracts.replies import Accepted
 from services.common.embedded import EmbeddedPostgres
 from services.ledger.consumer import read_stream
+from services.ledger.projection import GapError, StoredMessage
 from tests.harness import Harness
 from tests.ledger_harness import Ledger, start_ledger, stop_ledger
 
@@ -301,3 +303,46 @@ async def test_ledger_keeps_following_after_idle_periods(harness: Harness, ledge
         await ledger.caught_up(harness, timeout=5)
     assert not ledger.task.done()
     assert [e for e in logs if e["log_level"] in ("error", "critical")] == []
+
+
+async def test_the_stream_reader_never_drops_messages_for_a_slow_reader(harness: Harness) -> None:
+    # A push consumer drops what exceeds its pending limit while the reader is busy; the
+    # rebuild's reader pulls, so a slow reader still gets every message, in order.
+    from nats.js.api import StreamConfig
+
+    from services.common.jetstream import read_all
+
+    await harness.js.add_stream(StreamConfig(name="T_READ", subjects=["t.read.>"]))
+    try:
+        acks = [await harness.js.publish_async(f"t.read.{i % 7}", b"x" * 200) for i in range(3000)]
+        await asyncio.gather(*acks)
+        seen: list[int] = []
+        async for batch in read_all(harness.js, "T_READ", "t.read.>", batch_size=100):
+            await asyncio.sleep(0.01)  # a reader busy with its database
+            seen.extend(seq for seq, _ in batch)
+        assert seen == list(range(1, 3001))
+    finally:
+        await harness.js.delete_stream("T_READ")
+
+
+async def test_a_rebuild_refuses_a_stream_with_holes(harness: Harness, ledger: Ledger) -> None:
+    await play_spring_2017(harness)
+    await ledger.caught_up(harness)
+    before = await ledger.snapshot()
+    batches = [batch async for batch in read_stream(harness.js, batch_size=2)]
+    holed = [batches[0], batches[1][1:], *batches[2:]]  # one event lost on the way
+
+    async def feed() -> AsyncIterator[Sequence[StoredMessage]]:
+        for batch in holed:
+            yield batch
+
+    with pytest.raises(GapError):
+        await ledger.projection.rebuild(feed())
+    last = batches[-1][-1].sequence
+
+    async def short() -> AsyncIterator[Sequence[StoredMessage]]:
+        yield batches[0]
+
+    with pytest.raises(GapError):  # stopped before the stream's end
+        await ledger.projection.rebuild(short(), expected_last=last)
+    assert await ledger.snapshot() == before  # nothing committed

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from services.notifier.channels import aliyun, tencent
 from services.notifier.channels.base import (
+    Channel,
     DeliveryResult,
     OutboundMessage,
     Outcome,
@@ -301,13 +302,15 @@ async def test_nothing_secret_or_full_number_in_logs_or_details() -> None:
     def echo(*secrets: str) -> str:  # a provider quoting the number and the channel's own credentials
         return f"手机号 {PHONE.removeprefix('+86')} / {PHONE} key {' '.join(secrets)}"
 
-    channels = [
+    channels: list[Channel] = [
         aliyun.AliyunSmsChannel(
             "LTAIkeyid",
             Secret(ALIYUN_SECRET),
             "签名",
             client=httpx.AsyncClient(
-                transport=_echo_transport(200, {"Code": "isv.MOBILE_NUMBER_ILLEGAL", "Message": echo("LTAIkeyid", ALIYUN_SECRET)})
+                transport=_echo_transport(
+                    200, {"Code": "isv.MOBILE_NUMBER_ILLEGAL", "Message": echo("LTAIkeyid", ALIYUN_SECRET)}
+                )
             ),
         ),
         tencent.TencentSmsChannel(
@@ -316,7 +319,10 @@ async def test_nothing_secret_or_full_number_in_logs_or_details() -> None:
             "1400000001",
             "签名",
             client=httpx.AsyncClient(
-                transport=_echo_transport(200, {"Response": {"Error": {"Code": "AuthFailure.X", "Message": echo("AKIDkeyid", TENCENT_SECRET)}}})
+                transport=_echo_transport(
+                    200,
+                    {"Response": {"Error": {"Code": "AuthFailure.X", "Message": echo("AKIDkeyid", TENCENT_SECRET)}}},
+                )
             ),
         ),
         WebhookChannel(
@@ -376,7 +382,7 @@ def test_email_has_plain_utf8_body_and_encoded_subject() -> None:
     assert b"Subject: =?utf-8?" in raw
     assert "X-Duban-Message-Id: act-1:p:sms" in raw.decode("ascii")  # 7-bit clean: base64 bodies
     plain = built.get_body(preferencelist=("plain",))
-    assert plain is not None and plain.get_content().strip() == "请尽快报送。"  # type: ignore[attr-defined]
+    assert plain is not None and plain.get_content().strip() == "请尽快报送。"
 
 
 def test_webhook_signature() -> None:
