@@ -33,6 +33,11 @@ log = structlog.get_logger(__name__)
 PROJECTION = "ledger"
 MIGRATION_LOCK = 0x6475_6261_6E01  # pg advisory lock id: "duban" + 1
 
+EVENT_LOG_INDEXES = (
+    "CREATE INDEX event_log_aggregate ON ledger.event_log (programme_id, county_code, stream_sequence);"
+    "CREATE INDEX event_log_recorded ON ledger.event_log (programme_id, recorded_at);"
+)
+
 MIGRATIONS: list[tuple[int, str]] = [
     (
         1,
@@ -48,8 +53,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             recorded_at timestamptz NOT NULL,
             envelope jsonb NOT NULL
         );
-        CREATE INDEX event_log_aggregate ON ledger.event_log (programme_id, county_code, stream_sequence);
-        CREATE INDEX event_log_recorded ON ledger.event_log (programme_id, recorded_at);
+        {indexes}
         CREATE TABLE ledger.county_state (
             programme_id text NOT NULL,
             county_code text NOT NULL,
@@ -80,7 +84,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             data bytea NOT NULL,
             parked_at timestamptz NOT NULL DEFAULT now()
         );
-        """,
+        """.replace("{indexes}", EVENT_LOG_INDEXES),
     ),
 ]
 
@@ -145,7 +149,7 @@ class LedgerProjection:
                 raise GapError(checkpoint, fresh[0].sequence)
             events = await self._decode_or_park(conn, fresh)
             await self._insert_log(conn, events)
-            await self._update_states(conn, events)
+            await self._update_states(conn, [(seq, e) for seq, e, _ in events])
             last = fresh[-1].sequence
             await conn.execute(
                 "INSERT INTO ledger.checkpoint (projection, last_sequence, updated_at) VALUES ($1, $2, now())"
@@ -157,11 +161,11 @@ class LedgerProjection:
 
     async def _decode_or_park(
         self, conn: Connection, messages: Sequence[StoredMessage]
-    ) -> list[tuple[int, EventEnvelope]]:
+    ) -> list[tuple[int, EventEnvelope, bytes]]:
         events = []
         for message in messages:
             try:
-                events.append((message.sequence, decode_event(message.data)))
+                events.append((message.sequence, decode_event(message.data), message.data))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.error("event parked: cannot decode", stream_sequence=message.sequence, error=str(exc))
                 await conn.execute(
@@ -173,12 +177,12 @@ class LedgerProjection:
                 )
         return events
 
-    async def _insert_log(self, conn: Connection, events: Sequence[tuple[int, EventEnvelope]]) -> None:
+    async def _insert_log(self, conn: Connection, events: Sequence[tuple[int, EventEnvelope, bytes]]) -> None:
         await conn.copy_records_to_table(
             "event_log",
             schema_name="ledger",
             columns=list(_LOG_COLUMNS),
-            records=[_log_record(seq, e) for seq, e in events],
+            records=[_log_record(seq, e, data) for seq, e, data in events],
         )
 
     async def _update_states(self, conn: Connection, events: Sequence[tuple[int, EventEnvelope]]) -> None:
@@ -225,6 +229,9 @@ class LedgerProjection:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("TRUNCATE " + ", ".join(f"ledger.{t}" for t in READ_MODEL_TABLES if t != "checkpoint"))
             await conn.execute("DELETE FROM ledger.checkpoint WHERE projection = $1", PROJECTION)
+            # Loading into an index-less table and indexing once is much cheaper than indexing
+            # row by row; the transaction keeps readers on the old tables meanwhile.
+            await conn.execute("DROP INDEX ledger.event_log_aggregate; DROP INDEX ledger.event_log_recorded")
             async for batch in batches:
                 for message in batch:
                     # The stream has no holes: anything but the next sequence means events went
@@ -234,7 +241,7 @@ class LedgerProjection:
                     last = message.sequence
                 events = await self._decode_or_park(conn, batch)
                 await self._insert_log(conn, events)
-                for seq, envelope in events:
+                for seq, envelope, _ in events:
                     programme = self._programmes.get(envelope.programme_id)
                     if programme is None:
                         continue
@@ -247,6 +254,7 @@ class LedgerProjection:
                 count += len(batch)
             if expected_last is not None and last != expected_last:
                 raise GapError(last, expected_last + 1)  # the stream's end was not reached
+            await conn.execute(EVENT_LOG_INDEXES)
             for programme_id, county_code in refold:
                 programme = self._programmes[programme_id]
                 states[(programme_id, county_code)] = fold(
@@ -287,7 +295,8 @@ _LOG_COLUMNS = (
 )
 
 
-def _log_record(seq: int, e: EventEnvelope) -> tuple[object, ...]:
+def _log_record(seq: int, e: EventEnvelope, data: bytes) -> tuple[object, ...]:
+    # The stored bytes as they are, unless the event was upcast on read: then its current form.
     return (
         seq,
         e.programme_id,
@@ -297,8 +306,19 @@ def _log_record(seq: int, e: EventEnvelope) -> tuple[object, ...]:
         e.submission_id,
         e.occurred_at,
         e.recorded_at,
-        msgspec.json.encode(e).decode(),
+        data.decode() if e.schema_version == _stored_version(data) else msgspec.json.encode(e).decode(),
     )
+
+
+def _stored_version(data: bytes) -> int:
+    marker = data.find(b'"schema_version":')
+    if marker < 0:
+        return -1
+    end = data.find(b",", marker)
+    try:
+        return int(data[marker + 17 : end])
+    except ValueError:
+        return -1
 
 
 async def aggregate_log(
