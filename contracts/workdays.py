@@ -80,6 +80,7 @@ class WorkdayCalendar:
 
     def __init__(self, years: Iterable[YearDays]) -> None:
         self._years = {y.year: y for y in years}
+        self._contiguous = not self._years or len(self._years) == max(self._years) - min(self._years) + 1
         if not self._years:
             self._first = dt.date(1970, 1, 1)
             self._count: list[int] = []
@@ -128,8 +129,12 @@ class WorkdayCalendar:
         return (day - self._first).days
 
     def _check_span(self, start: dt.date, end: dt.date) -> None:
-        for year in range(min(start.year, end.year), max(start.year, end.year) + 1):
-            self._year(year)
+        lo, hi = min(start.year, end.year), max(start.year, end.year)
+        self._year(lo)
+        self._year(hi)
+        if not self._contiguous:  # a gap between known years: check every year of the span
+            for year in range(lo + 1, hi):
+                self._year(year)
 
     def _nth(self, k: int, towards: dt.date) -> dt.date:
         if 0 <= k < len(self._workdays):

@@ -106,21 +106,21 @@ def _milestone_actions(
     for level in policy.levels:
         if level.milestones and milestone.id not in level.milestones:
             continue
+        if level.trigger not in (Trigger.BEFORE_DEADLINE, Trigger.AFTER_DEADLINE, Trigger.PROGRAMME_FAILED):
+            continue
+        action_id = _action_id(judge, facts, level.id, milestone.id, deadline.isoformat())
+        if action_id in facts.actions:
+            continue  # on record: judged before
         if level.trigger is Trigger.BEFORE_DEADLINE:
             due_on = cal.add_workdays(deadline, -level.workdays)
             if not due_on <= today <= deadline:
                 continue
             workdays = cal.workdays_between(today, deadline)
-        elif level.trigger in (Trigger.AFTER_DEADLINE, Trigger.PROGRAMME_FAILED):
+        else:
             due_on = cal.add_workdays(deadline, level.workdays)
             if today < due_on:
                 continue
             workdays = cal.workdays_between(deadline, today)
-        else:
-            continue
-        action_id = _action_id(judge, facts, level.id, milestone.id, deadline.isoformat())
-        if action_id in facts.actions:
-            continue  # on record: judged before
         yield _make(
             level,
             policy,
