@@ -139,10 +139,17 @@ async def consume(js: JetStreamContext, notifier: Notifier, stop: asyncio.Event)
         await messages[-1].ack()
 
 
-async def send_forever(notifier: Notifier, stop: asyncio.Event, interval: float = 0.5) -> None:
+async def send_forever(
+    notifier: Notifier, stop: asyncio.Event, interval: float = 0.5, receipts_every: float = 30.0
+) -> None:
+    loop = asyncio.get_running_loop()
+    next_receipts = loop.time()
     while not stop.is_set():
         try:
             handled = await notifier.work_once()
+            if loop.time() >= next_receipts:
+                await notifier.pull_receipts()
+                next_receipts = loop.time() + receipts_every
             await notifier.publish_events()
         except Exception:
             log.exception("notifier sender failed; retrying")

@@ -25,6 +25,7 @@ from contracts.events import (
     ActionIssued,
     Actor,
     EventEnvelope,
+    NotificationDelivered,
     NotificationFailed,
     NotificationQueued,
     NotificationRecorded,
@@ -38,7 +39,14 @@ from contracts.subjects import EVENT_TYPE_HEADER, notifications_subject
 from services.common.clock import Clock
 from services.common.postgres import Connection
 from services.notifier import outbox
-from services.notifier.channels.base import Channel, DeliveryResult, OutboundMessage, Outcome, mask_address
+from services.notifier.channels.base import (
+    Channel,
+    DeliveryResult,
+    OutboundMessage,
+    Outcome,
+    Receipt,
+    mask_address,
+)
 from services.notifier.delivery import (
     Digest,
     Done,
@@ -287,6 +295,46 @@ class Notifier:
                 provider_message_id=None,
                 sent_at=None,
             )
+
+    # -- delivery receipts ------------------------------------------------------------------------
+    async def pull_receipts(self) -> int:
+        """Ask the channels that report deliveries (Tencent's PullSmsSendStatus) and record them."""
+        receipts: list[Receipt] = []
+        for channel in self._channels.values():
+            pull = getattr(channel, "pull_receipts", None)
+            if pull is not None:
+                receipts.extend(await pull())
+        return await self.record_receipts(receipts)
+
+    async def record_receipts(self, receipts: Sequence[Receipt]) -> int:
+        """Record each report of one of our messages as delivered or failed; unknown ids are ignored."""
+        now = self._clock.now()
+        recorded = 0
+        async with self._pool.acquire() as conn, conn.transaction():
+            for receipt in receipts:
+                row = await conn.fetchrow(
+                    "SELECT message, action_id, programme_id, county_code, attempts FROM notifier.outbox"
+                    " WHERE message_id = $1",
+                    receipt.message_id,
+                )
+                if row is None:
+                    continue
+                message = msgspec.json.decode(row["message"], type=OutboundMessage)
+                kind = NotificationDelivered if receipt.delivered else NotificationFailed
+                await self._record(
+                    conn,
+                    kind,
+                    message,
+                    row["action_id"],
+                    row["programme_id"],
+                    row["county_code"],
+                    attempt=row["attempts"],
+                    now=now,
+                    detail=receipt.detail,
+                    provider_message_id=receipt.provider_message_id,
+                )
+                recorded += 1
+        return recorded
 
     # -- 3. the record --------------------------------------------------------------------------
     async def _record(

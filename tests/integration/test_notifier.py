@@ -206,3 +206,75 @@ async def test_no_full_phone_number_or_secret_in_any_log_line(
     text = json.dumps(logs, ensure_ascii=False, default=str)
     assert not re.search(r"1[3-9]\d{9}", text), text  # no mainland mobile number in full
     assert "+8613800000005" not in text and "13800000005" not in text
+
+
+async def test_delivery_receipts_are_recorded(harness: Harness, fresh_database: str, tmp_path: Path) -> None:
+    """SMS through a local server speaking Tencent's API; its delivery reports (pulled with
+    PullSmsSendStatus, matched by our SessionContext) land in the county's history."""
+    from aiohttp import web
+
+    from services.notifier.channels.base import Secret
+    from services.notifier.channels.tencent import TencentSmsChannel
+
+    sent: list[dict[str, Any]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        assert request.headers["Authorization"].startswith("TC3-HMAC-SHA256 Credential=AKID-test/")
+        body = await request.json()
+        if request.headers["X-TC-Action"] == "SendSms":
+            sent.append(body)
+            status = [{"Code": "Ok", "SerialNo": f"serial-{len(sent)}", "PhoneNumber": body["PhoneNumberSet"][0]}]
+            return web.json_response({"Response": {"SendStatusSet": status, "RequestId": "r"}})
+        assert request.headers["X-TC-Action"] == "PullSmsSendStatus"
+        reports = [
+            {
+                "SessionContext": b["SessionContext"],
+                "SerialNo": f"serial-{i}",
+                "ReportStatus": "SUCCESS" if i == 1 else "FAIL",
+                "Description": "DELIVRD" if i == 1 else "用户关机",
+            }
+            for i, b in enumerate(sent, start=1)
+        ]
+        sent.clear()  # a report is pulled once
+        return web.json_response({"Response": {"PullSmsSendStatusSet": reports, "RequestId": "r"}})
+
+    app = web.Application()
+    app.router.add_post("/", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    pool = await create_pool(fresh_database)
+    async with pool.acquire() as conn:
+        await outbox.migrate(conn)
+    sms = TencentSmsChannel(
+        "AKID-test", Secret("test-key"), "1400000000", "濮阳督办", endpoint=f"http://127.0.0.1:{port}/"
+    )
+    settings = NotifierSettings(channels=("sms",), sms_templates={"overdue_notice": "100001"})
+    service = Notifier(pool, harness.js, {"sms": sms}, DIRECTORY, settings, {PROGRAMME.id: PROGRAMME}, harness.clock)
+    try:
+        harness.clock.set(dt.datetime(2017, 5, 3, 10, tzinfo=SHANGHAI))
+        urgent = action("410923", urgent=True)
+        await service.apply_batch([await publish_action(harness, "410923", urgent)])
+        await service.apply_batch([await publish_action(harness, "410922", action("410922", urgent=True))])
+        await drain(service)
+        assert await service.pull_receipts() == 2
+        await service.publish_events()
+        history = [env for _, env in await harness.events("410923.notifications")]
+        history += [env for _, env in await harness.events("410922.notifications")]
+        kinds = sorted(e.event_type for e in history)
+        assert kinds == [
+            "notification_delivered",
+            "notification_failed",
+            "notification_queued",
+            "notification_queued",
+            "notification_sent",
+            "notification_sent",
+        ]
+        failed = next(e for e in history if e.event_type == "notification_failed")
+        assert failed.payload.detail == "用户关机"  # type: ignore[union-attr]
+        assert await service.pull_receipts() == 0  # nothing is recorded twice
+    finally:
+        await sms.aclose()
+        await pool.close()
+        await runner.cleanup()

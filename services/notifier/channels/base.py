@@ -69,6 +69,16 @@ class DeliveryResult(msgspec.Struct, frozen=True, kw_only=True):
         return self.outcome is Outcome.SENT
 
 
+class Receipt(msgspec.Struct, frozen=True, kw_only=True):
+    """A provider's delivery report for one of our messages (found by our id in its
+    correlation field)."""
+
+    message_id: str
+    delivered: bool
+    detail: str = ""  # masked, like DeliveryResult.detail
+    provider_message_id: str | None = None
+
+
 @runtime_checkable
 class Channel(Protocol):
     """One delivery protocol. ``send`` makes one attempt and never raises for delivery failures."""

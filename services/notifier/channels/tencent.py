@@ -42,6 +42,7 @@ from services.notifier.channels.base import (
     DeliveryResult,
     OutboundMessage,
     Outcome,
+    Receipt,
     Secret,
     mainland_number,
     mask_phone,
@@ -152,6 +153,47 @@ class TencentSmsChannel:
     def __repr__(self) -> str:
         return f"TencentSmsChannel(endpoint={self.endpoint!r}, sdk_app_id={self.sdk_app_id!r})"
 
+    def _signed(self, action: str, body: bytes) -> dict[str, str]:
+        timestamp = int(self._clock())
+        signature, scope = tc3_signature(
+            secret_key=self._secret_key.reveal(), service=SERVICE, host=self._host, timestamp=timestamp, payload=body
+        )
+        return {
+            "Authorization": authorization(self._secret_id, scope, signature),
+            "Content-Type": CONTENT_TYPE,
+            "Host": self._host,
+            "X-TC-Action": action,
+            "X-TC-Version": API_VERSION,
+            "X-TC-Timestamp": str(timestamp),
+            "X-TC-Region": self.region,
+        }
+
+    async def pull_receipts(self, limit: int = 100) -> list[Receipt]:
+        """Delivery reports not fetched before (PullSmsSendStatus); our id is the SessionContext.
+
+        A transport or API failure returns nothing: the reports stay at Tencent for the next pull.
+        """
+        body = msgspec.json.encode({"Limit": limit, "SmsSdkAppId": self.sdk_app_id})
+        try:
+            response = await self._client.post(
+                self.endpoint, content=body, headers=self._signed("PullSmsSendStatus", body)
+            )
+            data: Any = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("notifier.receipts.unavailable", provider=self.provider, detail=safe_detail(str(exc)))
+            return []
+        reports = (data.get("Response") or {}).get("PullSmsSendStatusSet") or []
+        return [
+            Receipt(
+                message_id=str(r.get("SessionContext") or ""),
+                delivered=r.get("ReportStatus") == "SUCCESS",
+                detail=safe_detail(str(r.get("Description") or r.get("ReportStatus") or "")),
+                provider_message_id=r.get("SerialNo"),
+            )
+            for r in reports
+            if r.get("SessionContext")
+        ]
+
     def request(self, message: OutboundMessage) -> tuple[dict[str, str], bytes]:
         """Headers and body of the signed ``SendSms`` request for one message."""
         assert message.sms_template_code is not None
@@ -165,19 +207,7 @@ class TencentSmsChannel:
                 "SessionContext": message.message_id,
             }
         )
-        timestamp = int(self._clock())
-        signature, scope = tc3_signature(
-            secret_key=self._secret_key.reveal(), service=SERVICE, host=self._host, timestamp=timestamp, payload=body
-        )
-        headers = {
-            "Authorization": authorization(self._secret_id, scope, signature),
-            "Content-Type": CONTENT_TYPE,
-            "Host": self._host,
-            "X-TC-Action": "SendSms",
-            "X-TC-Version": API_VERSION,
-            "X-TC-Timestamp": str(timestamp),
-            "X-TC-Region": self.region,
-        }
+        headers = self._signed("SendSms", body)
         return headers, body
 
     async def send(self, message: OutboundMessage) -> DeliveryResult:
