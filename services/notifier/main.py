@@ -21,14 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import structlog
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from contracts.directory import Directory, example_directory_path, load_directory
 from contracts.subjects import ACTIONS_ALL, EVENTS_STREAM
 from services.common.clock import Clock
+from services.common.consumer import follow
 from services.common.jetstream import ensure_streams
 from services.common.postgres import create_pool
 from services.common.runtime import Runtime
@@ -99,44 +97,16 @@ def directory_from_env(runtime: Runtime) -> Directory:
 
 async def consume(js: JetStreamContext, notifier: Notifier, stop: asyncio.Event) -> None:
     """Issued actions → outbox rows, in one transaction with the checkpoint; ack after commit."""
-    async with notifier._pool.acquire() as conn:
-        checkpoint = await outbox.checkpoint(conn)
-    with contextlib.suppress(NotFoundError):
-        await js.delete_consumer(EVENTS_STREAM, DURABLE)
-    sub = await js.pull_subscribe(
-        ACTIONS_ALL,
-        durable=DURABLE,
+    await follow(
+        js,
+        name=DURABLE,
         stream=EVENTS_STREAM,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=checkpoint + 1,
-            ack_policy=AckPolicy.ALL,
-            ack_wait=60,
-            max_ack_pending=1000,
-        ),
+        subject=ACTIONS_ALL,
+        checkpoint=notifier.checkpoint,
+        apply=notifier.apply_batch,
+        stop=stop,
+        batch_size=500,
     )
-    delay = 0.2
-    while not stop.is_set():
-        try:
-            messages = await sub.fetch(500, timeout=0.5)
-        except (NatsTimeoutError, TimeoutError):
-            continue
-        if not messages:
-            continue
-        batch = [(m.metadata.sequence.stream, m.data) for m in messages]
-        while not stop.is_set():
-            try:
-                await notifier.apply_batch(batch)
-                break
-            except Exception:
-                log.exception("notifier batch delayed", first=batch[0][0], retry_in=delay)
-                for m in messages:
-                    with contextlib.suppress(Exception):
-                        await m.in_progress()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        delay = 0.2
-        await messages[-1].ack()
 
 
 async def send_forever(

@@ -87,6 +87,10 @@ class Notifier:
         self._clock = clock
 
     # -- 1. planning ----------------------------------------------------------------------------
+    async def checkpoint(self) -> int:
+        async with self._pool.acquire() as conn:
+            return await outbox.checkpoint(conn)
+
     async def apply_batch(self, batch: Sequence[tuple[int, bytes]]) -> int:
         now = self._clock.now()
         async with self._pool.acquire() as conn, conn.transaction():

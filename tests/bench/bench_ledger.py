@@ -91,7 +91,7 @@ from contracts.subjects import EVENT_TYPE_HEADER, EVENTS_ALL, EVENTS_STREAM, agg
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from services.common.jetstream import ensure_streams  # noqa: E402
 from services.common.postgres import create_pool  # noqa: E402
-from services.ledger.consumer import read_stream, run_live  # noqa: E402
+from services.ledger.consumer import read_stream, supervise_live  # noqa: E402
 from services.ledger.projection import READ_MODEL_TABLES, LedgerProjection, StoredMessage, migrate  # noqa: E402
 
 CST = dt.timezone(dt.timedelta(hours=8))
@@ -707,7 +707,8 @@ class LiveLedger:
 def start_live(js: JetStreamContext, projection: LedgerProjection) -> LiveLedger:
     stop = asyncio.Event()
     applied = asyncio.Condition()
-    task = asyncio.get_running_loop().create_task(run_live(js, projection, stop, applied=applied))
+    # The live path as the ledger runs it; the condition is never signalled, so waits poll.
+    task = asyncio.get_running_loop().create_task(supervise_live(js, projection, stop))
     return LiveLedger(stop, task, applied)
 
 
@@ -740,7 +741,7 @@ async def live_catchup(
             await asyncio.sleep(0.05)
     seconds = time.perf_counter() - t0
     if live.task.done() and live.task.exception():
-        raise RuntimeError("run_live failed") from live.task.exception()
+        raise RuntimeError("the live consumer failed") from live.task.exception()
     return (
         {
             "finished": checkpoint >= last_seq,

@@ -1,0 +1,113 @@
+"""Following the event stream into a PostgreSQL-backed projection: the one loop every projection
+(ledger, notifier) uses.
+
+A durable pull consumer is positioned at the projection's checkpoint + 1 (the checkpoint in
+PostgreSQL is the position, not the broker's state). Each fetched batch goes to ``apply``, which
+commits it together with the checkpoint; the batch is acknowledged after that (AckAll on its
+last message). When ``apply`` fails with a transient error the batch is kept, marked in progress
+and retried with backoff: delayed, never dropped, never overtaken by later events. Any other
+failure restarts the loop from the checkpoint, logged, so a projection never silently stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+
+import structlog
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+log = structlog.get_logger(__name__)
+
+Batch = Sequence[tuple[int, bytes]]
+
+
+async def follow(
+    js: JetStreamContext,
+    *,
+    name: str,
+    stream: str,
+    subject: str,
+    checkpoint: Callable[[], Awaitable[int]],
+    apply: Callable[[Batch], Awaitable[object]],
+    stop: asyncio.Event,
+    transient: tuple[type[BaseException], ...] = (Exception,),
+    pause: asyncio.Lock | None = None,
+    batch_size: int = 1000,
+) -> None:
+    """Run ``name``'s projection until ``stop`` is set, restarting from the checkpoint on failure."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await _follow_once(js, name, stream, subject, checkpoint, apply, stop, transient, pause, batch_size)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("consumer failed; restarting from the checkpoint", consumer=name, retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 10.0)
+
+
+async def _follow_once(
+    js: JetStreamContext,
+    name: str,
+    stream: str,
+    subject: str,
+    checkpoint: Callable[[], Awaitable[int]],
+    apply: Callable[[Batch], Awaitable[object]],
+    stop: asyncio.Event,
+    transient: tuple[type[BaseException], ...],
+    pause: asyncio.Lock | None,
+    batch_size: int,
+) -> None:
+    start = await checkpoint() + 1
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(stream, name)
+    sub = await js.pull_subscribe(
+        subject,
+        durable=name,
+        stream=stream,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=AckPolicy.ALL,
+            ack_wait=60,
+            max_ack_pending=batch_size * 2,
+        ),
+    )
+    log.info("consuming", consumer=name, from_sequence=start)
+    lock = pause or asyncio.Lock()
+    try:
+        while not stop.is_set():
+            try:
+                messages = await sub.fetch(batch_size, timeout=0.5)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            if not messages:  # a status message (a pull request expiring) carries no events
+                continue
+            batch = [(m.metadata.sequence.stream, m.data) for m in messages]
+            delay = 0.2
+            while True:
+                try:
+                    async with lock:
+                        await apply(batch)
+                    break
+                except transient as exc:
+                    # Keep the batch; tell the server we are still on it; try again.
+                    log.warning("batch delayed", consumer=name, error=str(exc), first=batch[0][0], retry_in=delay)
+                    for m in messages:
+                        with contextlib.suppress(Exception):
+                            await m.in_progress()
+                    if stop.is_set():
+                        return
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            await messages[-1].ack()
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
