@@ -65,6 +65,10 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_StdlibRedactFilter())
+    # HTTP clients log every request line at INFO, and a signed provider URL carries key ids and
+    # signatures in its query: only their warnings reach our logs.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class _StdlibRedactFilter(logging.Filter):

@@ -139,9 +139,11 @@ class Notifier:
 
     async def _work(self, row: outbox.OutboxRow, now: dt.datetime) -> None:
         message = row.message
-        async with self._pool.acquire() as conn:
-            start, end = day_bounds(local_day(now, self._settings), self._settings)
-            sent_today = await outbox.sms_sent_on(conn, message.recipient_id, start, end)
+        sent_today = 0
+        if message.channel in self._settings.budget_channels:  # only budgeted channels are counted
+            async with self._pool.acquire() as conn:
+                start, end = day_bounds(local_day(now, self._settings), self._settings)
+                sent_today = await outbox.sms_sent_on(conn, message.recipient_id, start, end)
         state = OutboxState(
             message=message,
             action_id=row.action_id,

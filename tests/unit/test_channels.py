@@ -387,3 +387,14 @@ def test_email_has_plain_utf8_body_and_encoded_subject() -> None:
 
 def test_webhook_signature() -> None:
     assert sign_body(b'{"a":1}', "k") == "sha256=" + __import__("hmac").new(b"k", b'{"a":1}', "sha256").hexdigest()
+
+
+def test_http_client_request_lines_stay_out_of_the_logs() -> None:
+    # httpx logs each request URL at INFO; a signed Aliyun URL carries AccessKeyId and Signature.
+    import logging
+
+    from services.common.logging import configure_logging
+
+    configure_logging("json", "info")
+    assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+    assert logging.getLogger("httpcore").getEffectiveLevel() >= logging.WARNING
