@@ -66,6 +66,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         "CREATE INDEX outbox_sms_sent ON notifier.outbox (recipient_id, sent_at)"
         " WHERE channel = 'sms' AND state = 'sent'",
     ),
+    (3, "ALTER TABLE notifier.outbox ADD COLUMN receipt text"),  # delivered | failed, once reported
 ]
 
 

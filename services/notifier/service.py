@@ -304,12 +304,29 @@ class Notifier:
 
     # -- delivery receipts ------------------------------------------------------------------------
     async def pull_receipts(self) -> int:
-        """Ask the channels that report deliveries (Tencent's PullSmsSendStatus) and record them."""
+        """Ask the channels for delivery reports and record them: Tencent hands out new reports
+        (PullSmsSendStatus); Aliyun is asked per SMS sent in the last days (QuerySendDetails)."""
         receipts: list[Receipt] = []
         for channel in self._channels.values():
             pull = getattr(channel, "pull_receipts", None)
             if pull is not None:
                 receipts.extend(await pull())
+            query = getattr(channel, "query_receipt", None)
+            if query is not None:
+                async with self._pool.acquire() as conn:
+                    rows = await conn.fetch(
+                        "SELECT message, provider_message_id, sent_at FROM notifier.outbox WHERE channel = $1"
+                        " AND state = 'sent' AND receipt IS NULL AND provider_message_id IS NOT NULL"
+                        " AND sent_at > $2 ORDER BY sent_at LIMIT 100",
+                        channel.kind,
+                        self._clock.now() - dt.timedelta(days=3),
+                    )
+                for row in rows:
+                    message = msgspec.json.decode(row["message"], type=OutboundMessage)
+                    sent_on = local_day(row["sent_at"], self._settings)
+                    receipt = await query(message.message_id, message.address, row["provider_message_id"], sent_on)
+                    if receipt is not None:
+                        receipts.append(receipt)
         return await self.record_receipts(receipts)
 
     async def record_receipts(self, receipts: Sequence[Receipt]) -> int:
@@ -319,12 +336,13 @@ class Notifier:
         async with self._pool.acquire() as conn, conn.transaction():
             for receipt in receipts:
                 row = await conn.fetchrow(
-                    "SELECT message, action_id, programme_id, county_code, attempts FROM notifier.outbox"
-                    " WHERE message_id = $1",
+                    "UPDATE notifier.outbox SET receipt = $2 WHERE message_id = $1 AND receipt IS NULL"
+                    " RETURNING message, action_id, programme_id, county_code, attempts",
                     receipt.message_id,
+                    "delivered" if receipt.delivered else "failed",
                 )
                 if row is None:
-                    continue
+                    continue  # not ours, or reported before: recorded once
                 message = msgspec.json.decode(row["message"], type=OutboundMessage)
                 kind = NotificationDelivered if receipt.delivered else NotificationFailed
                 await self._record(

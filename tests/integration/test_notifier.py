@@ -278,3 +278,57 @@ async def test_delivery_receipts_are_recorded(harness: Harness, fresh_database: 
         await sms.aclose()
         await pool.close()
         await runner.cleanup()
+
+
+async def test_aliyun_delivery_reports_are_queried_and_recorded_once(harness: Harness, fresh_database: str) -> None:
+    """SMS through a local server speaking Aliyun's RPC API; QuerySendDetails (by BizId, number
+    and day) reports delivered and failed, each recorded once."""
+    from aiohttp import web
+
+    from services.notifier.channels.aliyun import AliyunSmsChannel
+    from services.notifier.channels.base import Secret
+
+    biz: dict[str, str] = {}  # BizId -> OutId
+
+    async def handle(request: web.Request) -> web.Response:
+        q = request.query
+        assert q["AccessKeyId"] == "LTAI-test" and q["Signature"]
+        if q["Action"] == "SendSms":
+            biz_id = f"biz-{len(biz) + 1}"
+            biz[biz_id] = q["OutId"]
+            return web.json_response({"Code": "OK", "Message": "OK", "BizId": biz_id, "RequestId": "r"})
+        assert q["Action"] == "QuerySendDetails" and q["SendDate"] == "20170503" and q["PhoneNumber"].startswith("138")
+        status, err = (3, "DELIVERED") if q["BizId"] == "biz-1" else (2, "MOBILE_NOT_ON_SERVICE")
+        detail = {"SendStatus": status, "ErrCode": err, "OutId": biz[q["BizId"]], "PhoneNum": q["PhoneNumber"]}
+        return web.json_response({"Code": "OK", "SmsSendDetailDTOs": {"SmsSendDetailDTO": [detail]}, "TotalCount": 1})
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    pool = await create_pool(fresh_database)
+    async with pool.acquire() as conn:
+        await outbox.migrate(conn)
+    sms = AliyunSmsChannel("LTAI-test", Secret("secret"), "濮阳督办", endpoint=f"http://127.0.0.1:{port}/")
+    settings = NotifierSettings(channels=("sms",), sms_templates={"overdue_notice": "SMS_100001"})
+    service = Notifier(pool, harness.js, {"sms": sms}, DIRECTORY, settings, {PROGRAMME.id: PROGRAMME}, harness.clock)
+    try:
+        harness.clock.set(dt.datetime(2017, 5, 3, 10, tzinfo=SHANGHAI))
+        await service.apply_batch([await publish_action(harness, "410923", action("410923", urgent=True))])
+        await service.apply_batch([await publish_action(harness, "410922", action("410922", urgent=True))])
+        await drain(service)
+        assert await service.pull_receipts() == 2
+        assert await service.pull_receipts() == 0  # each report recorded once
+        await service.publish_events()
+        history = [env for _, env in await harness.events("410923.notifications")]
+        history += [env for _, env in await harness.events("410922.notifications")]
+        outcomes = sorted(
+            e.event_type for e in history if e.event_type in ("notification_delivered", "notification_failed")
+        )
+        assert outcomes == ["notification_delivered", "notification_failed"]
+    finally:
+        await sms.aclose()
+        await pool.close()
+        await runner.cleanup()
