@@ -178,17 +178,28 @@ class Notifier:
             msgspec.structs.replace(state, attempts=attempts), result, now, self._settings, self._directory
         )
         async with self._pool.acquire() as conn, conn.transaction():
-            if isinstance(after, Done):
+
+            async def finish(state: str, at: dt.datetime | None = None) -> None:
+                sent = state == "sent"
                 await outbox.record_outcome(
                     conn,
                     message.message_id,
-                    state="sent",
+                    state=state,
                     attempts=attempts,
                     outcome=result.outcome.value,
                     detail=result.detail,
-                    next_attempt_at=None,
-                    provider_message_id=result.provider_message_id,
-                    sent_at=now,
+                    next_attempt_at=at,
+                    provider_message_id=result.provider_message_id if sent else None,
+                    sent_at=now if sent else None,
+                )
+
+            if isinstance(after, Done):
+                await finish("sent")
+                log.info(
+                    "notification sent",
+                    channel=message.channel,
+                    recipient=message.recipient_id,
+                    address=mask_address(message.address),
                 )
                 await self._record(
                     conn,
@@ -201,36 +212,10 @@ class Notifier:
                     now=now,
                     provider_message_id=result.provider_message_id,
                 )
-                log.info(
-                    "notification sent",
-                    channel=message.channel,
-                    recipient=message.recipient_id,
-                    address=mask_address(message.address),
-                )
             elif isinstance(after, RetryAt):
-                await outbox.record_outcome(
-                    conn,
-                    message.message_id,
-                    state="pending",
-                    attempts=attempts,
-                    outcome=result.outcome.value,
-                    detail=result.detail,
-                    next_attempt_at=after.at,
-                    provider_message_id=None,
-                    sent_at=None,
-                )
+                await finish("pending", after.at)
             else:
-                await outbox.record_outcome(
-                    conn,
-                    message.message_id,
-                    state="failed",
-                    attempts=attempts,
-                    outcome=result.outcome.value,
-                    detail=result.detail,
-                    next_attempt_at=None,
-                    provider_message_id=None,
-                    sent_at=None,
-                )
+                await finish("failed")
                 await self._record(
                     conn,
                     NotificationFailed,

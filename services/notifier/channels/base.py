@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Protocol, runtime_checkable
 
 import msgspec
+import structlog
 
 from services.common.logging import mask_phone_numbers
 
@@ -216,3 +217,16 @@ def wrong_channel(kind: str, message: OutboundMessage) -> DeliveryResult | None:
             outcome=Outcome.REJECTED, detail=f"a {message.channel} message was given to the {kind} channel"
         )
     return None
+
+
+def log_attempt(channel: str, provider: str, message: OutboundMessage, result: DeliveryResult) -> None:
+    """One log line per delivery attempt, the same for every channel; the address masked."""
+    structlog.get_logger("services.notifier.channels").info(
+        "notifier.channel.attempt",
+        channel=channel,
+        provider=provider,
+        message_id=message.message_id,
+        to=mask_address(message.address),
+        outcome=result.outcome.value,
+        detail=result.detail,
+    )

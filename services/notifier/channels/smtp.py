@@ -31,7 +31,7 @@ from services.notifier.channels.base import (
     OutboundMessage,
     Outcome,
     Secret,
-    mask_address,
+    log_attempt,
     safe_detail,
     wrong_channel,
 )
@@ -206,15 +206,7 @@ class SmtpChannel:
         email = build_email(message, sender=self.sender, sender_name=self.sender_name)
         async with self._lock:
             result = await self._send_locked(email, message)
-        log.info(
-            "notifier.channel.attempt",
-            channel=self.kind,
-            provider="smtp",
-            message_id=message.message_id,
-            to=mask_address(message.address),
-            outcome=result.outcome.value,
-            detail=result.detail,
-        )
+        log_attempt(self.kind, "smtp", message, result)
         return result
 
     async def _send_locked(self, email: EmailMessage, message: OutboundMessage) -> DeliveryResult:

@@ -44,8 +44,8 @@ from services.notifier.channels.base import (
     Outcome,
     Receipt,
     Secret,
+    log_attempt,
     mainland_number,
-    mask_phone,
     safe_detail,
     wrong_channel,
 )
@@ -212,15 +212,7 @@ class TencentSmsChannel:
 
     async def send(self, message: OutboundMessage) -> DeliveryResult:
         result = await self._send(message)
-        log.info(
-            "notifier.channel.attempt",
-            channel=self.kind,
-            provider=self.provider,
-            message_id=message.message_id,
-            to=mask_phone(message.address),
-            outcome=result.outcome.value,
-            detail=result.detail,
-        )
+        log_attempt(self.kind, self.provider, message, result)
         return result
 
     async def _send(self, message: OutboundMessage) -> DeliveryResult:

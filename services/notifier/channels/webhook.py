@@ -25,7 +25,7 @@ from services.notifier.channels.base import (
     OutboundMessage,
     Outcome,
     Secret,
-    mask_address,
+    log_attempt,
     safe_detail,
 )
 
@@ -65,15 +65,7 @@ class WebhookChannel:
 
     async def send(self, message: OutboundMessage) -> DeliveryResult:
         result = await self._send(message)
-        log.info(
-            "notifier.channel.attempt",
-            channel=self.kind,
-            provider="webhook",
-            message_id=message.message_id,
-            to=mask_address(message.address),
-            outcome=result.outcome.value,
-            detail=result.detail,
-        )
+        log_attempt(self.kind, "webhook", message, result)
         return result
 
     async def _send(self, message: OutboundMessage) -> DeliveryResult:
