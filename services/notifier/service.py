@@ -343,7 +343,25 @@ class Notifier:
                     provider_message_id=receipt.provider_message_id,
                 )
                 recorded += 1
+                if not receipt.delivered:
+                    await self._fall_back_after_receipt(conn, message, row, receipt, now)
         return recorded
+
+    async def _fall_back_after_receipt(
+        self, conn: Connection, message: OutboundMessage, row: asyncpg.Record, receipt: Receipt, now: dt.datetime
+    ) -> None:
+        """Accepted but not delivered (phone off, number gone): the same fallback as a permanent
+        failure when sending (SMS -> e-mail -> the person's backup)."""
+        state = OutboxState(message=message, action_id=row["action_id"], queued_at=now, attempts=row["attempts"])
+        failure = DeliveryResult(outcome=Outcome.INVALID_RECIPIENT, detail=receipt.detail)
+        step = next_step(state, failure, now, self._settings, self._directory)
+        if not isinstance(step, Fallback):
+            return
+        ids = (row["action_id"], row["programme_id"], row["county_code"])
+        for fallback in await outbox.enqueue(conn, [step.message], *ids, now):
+            await self._record(
+                conn, NotificationQueued, fallback, *ids, attempt=0, now=now, detail=f"fallback: {step.reason}"
+            )
 
     # -- 3. the record --------------------------------------------------------------------------
     async def _record(

@@ -263,14 +263,20 @@ async def test_delivery_receipts_are_recorded(harness: Harness, fresh_database: 
         history = [env for _, env in await harness.events("410923.notifications")]
         history += [env for _, env in await harness.events("410922.notifications")]
         kinds = sorted(e.event_type for e in history)
+        # One SMS was accepted but not delivered: it falls back to that person's backup, the county office.
         assert kinds == [
             "notification_delivered",
             "notification_failed",
             "notification_queued",
             "notification_queued",
+            "notification_queued",
             "notification_sent",
             "notification_sent",
         ]
+        failed_event = next(e for e in history if e.event_type == "notification_failed")
+        county = failed_event.county_code
+        fallback = [e for e in history if e.event_type == "notification_queued" and "fallback" in e.payload.detail]  # type: ignore[union-attr]
+        assert [(e.county_code, e.payload.recipient_id) for e in fallback] == [(county, f"{county}-office")]  # type: ignore[union-attr]
         failed = next(e for e in history if e.event_type == "notification_failed")
         assert failed.payload.detail == "用户关机"  # type: ignore[union-attr]
         assert await service.pull_receipts() == 0  # nothing is recorded twice
