@@ -83,10 +83,11 @@ from contracts.facts import (  # noqa: E402
     new_facts,
 )
 from contracts.policy import Policy, load_default_policy  # noqa: E402
-from contracts.programme import County, Person, Programme, load_default_programme  # noqa: E402
+from contracts.programme import Programme  # noqa: E402
 from contracts.workdays import WorkdayCalendar  # noqa: E402
 from services.escalation.ladder import Judge, due_actions  # noqa: E402
 from services.escalation.replay import compare, replay  # noqa: E402
+from tests.bench.synthetic import synthetic_programme  # noqa: E402
 from tests.story import Story  # noqa: E402
 
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -104,21 +105,6 @@ STRICT_LEVEL, STRICT_WORKDAYS = "public_criticism", 3
 # ------------------------------------------------------------------------------------------
 # programme, policies
 # ------------------------------------------------------------------------------------------
-
-
-def synthetic_programme(units: int) -> Programme:
-    """The shipped programme with ``units`` synthetic county-level units (codes 900000+i)."""
-    base = load_default_programme()
-    counties = tuple(
-        County(
-            code=f"{900000 + i:06d}",
-            name=f"合成县{i:04d}",
-            responsible_unit=f"合成县{i:04d}政府",
-            responsible_person=Person(id=f"p{900000 + i}", name=f"负责人{i:04d}"),
-        )
-        for i in range(units)
-    )
-    return msgspec.structs.replace(base, counties=counties)
 
 
 def stricter(policy: Policy) -> Policy:

@@ -58,7 +58,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
-import msgspec  # noqa: E402
 import nats  # noqa: E402
 import structlog  # noqa: E402
 from nats.aio.client import Client as NatsClient  # noqa: E402
@@ -86,13 +85,14 @@ from contracts.events import (  # noqa: E402
     event_type_of,
 )
 from contracts.payloads import Document, ExtensionOutcome, ProgressTableLine, ReviewOutcome  # noqa: E402
-from contracts.programme import County, Decider, Person, Programme, load_default_programme  # noqa: E402
+from contracts.programme import Decider, Programme  # noqa: E402
 from contracts.subjects import EVENT_TYPE_HEADER, EVENTS_ALL, EVENTS_STREAM, aggregate_subject  # noqa: E402
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from services.common.jetstream import ensure_streams  # noqa: E402
 from services.common.postgres import create_pool  # noqa: E402
 from services.ledger.consumer import read_stream, supervise_live  # noqa: E402
 from services.ledger.projection import READ_MODEL_TABLES, LedgerProjection, StoredMessage, migrate  # noqa: E402
+from tests.bench.synthetic import synthetic_programme  # noqa: E402
 
 CST = dt.timezone(dt.timedelta(hours=8))
 PROGRAMME_START = dt.datetime(2017, 3, 1, 9, 0, tzinfo=CST)
@@ -105,21 +105,6 @@ GOAL_SECONDS_PER_MILLION = 60.0  # 1M events rebuilt in under a minute
 # ------------------------------------------------------------------------------------------
 # synthetic programme and histories
 # ------------------------------------------------------------------------------------------
-
-
-def synthetic_programme(units: int) -> Programme:
-    """The shipped programme with ``units`` synthetic county-level units (codes 900000+i)."""
-    base = load_default_programme()
-    counties = tuple(
-        County(
-            code=f"{900000 + i:06d}",
-            name=f"合成县{i:04d}",
-            responsible_unit=f"合成县{i:04d}政府",
-            responsible_person=Person(id=f"p{900000 + i}", name=f"负责人{i:04d}"),
-        )
-        for i in range(units)
-    )
-    return msgspec.structs.replace(base, counties=counties)
 
 
 def _period(day: dt.date) -> str:

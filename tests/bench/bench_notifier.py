@@ -78,7 +78,7 @@ from contracts.directory import (  # noqa: E402
     load_directory,
 )
 from contracts.events import EVENT_SCHEMA_VERSIONS, ActionIssued, Actor, EventEnvelope, encode_event  # noqa: E402
-from contracts.programme import County, Person, Programme, load_default_programme  # noqa: E402
+from contracts.programme import Programme, load_default_programme  # noqa: E402
 from contracts.subjects import actions_subject  # noqa: E402
 from services.common.clock import SimulatedClock  # noqa: E402
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port  # noqa: E402
@@ -92,6 +92,7 @@ from services.notifier.channels.file import FileChannel  # noqa: E402
 from services.notifier.channels.smtp import SmtpChannel, build_email  # noqa: E402
 from services.notifier.delivery import NotifierSettings  # noqa: E402
 from services.notifier.service import Notifier  # noqa: E402
+from tests.bench.synthetic import synthetic_programme  # noqa: E402
 
 SELF = str(Path(__file__).resolve())
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -257,21 +258,6 @@ class CpuMeter:
 # ------------------------------------------------------------------------------------------
 # synthetic programme, directory and actions
 # ------------------------------------------------------------------------------------------
-
-
-def synthetic_programme(units: int) -> Programme:
-    """The shipped programme with ``units`` synthetic county-level units (codes 900000+i)."""
-    base = load_default_programme()
-    counties = tuple(
-        County(
-            code=f"{900000 + i:06d}",
-            name=f"合成县{i:04d}",
-            responsible_unit=f"合成县{i:04d}政府",
-            responsible_person=Person(id=f"p{900000 + i}", name=f"负责人{i:04d}"),
-        )
-        for i in range(units)
-    )
-    return msgspec.structs.replace(base, counties=counties)
 
 
 def synthetic_directory(programme: Programme) -> Directory:

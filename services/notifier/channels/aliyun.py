@@ -38,6 +38,7 @@ from services.notifier.channels.base import (
     Secret,
     log_attempt,
     mainland_number,
+    provider_result,
     safe_detail,
     wrong_channel,
 )
@@ -224,10 +225,7 @@ class AliyunSmsChannel:
         code: str = data["Code"]
         outcome = classify(code, response.status_code)
         detail = self._safe(f"{code}: {data.get('Message', '')}")
-        if outcome is Outcome.SENT:
-            biz_id = data.get("BizId")
-            return DeliveryResult(outcome=outcome, provider_message_id=str(biz_id) if biz_id else None, detail=detail)
-        return DeliveryResult(outcome=outcome, detail=detail)
+        return provider_result(outcome, detail, data.get("BizId"))
 
     def _safe(self, text: str) -> str:
         return safe_detail(text, secrets=(self._secret, self._access_key_id))

@@ -230,3 +230,10 @@ def log_attempt(channel: str, provider: str, message: OutboundMessage, result: D
         outcome=result.outcome.value,
         detail=result.detail,
     )
+
+
+def provider_result(outcome: Outcome, detail: str, provider_message_id: object = None) -> DeliveryResult:
+    """A provider's answer as a result: its message id is kept only when the message was sent."""
+    if outcome is Outcome.SENT and provider_message_id:
+        return DeliveryResult(outcome=outcome, provider_message_id=str(provider_message_id), detail=detail)
+    return DeliveryResult(outcome=outcome, detail=detail)

@@ -46,6 +46,7 @@ from services.notifier.channels.base import (
     Secret,
     log_attempt,
     mainland_number,
+    provider_result,
     safe_detail,
     wrong_channel,
 )
@@ -254,10 +255,7 @@ class TencentSmsChannel:
         code = str(status.get("Code", ""))
         detail = self._safe(f"{code}: {status.get('Message', '')}")
         outcome = classify(code)
-        if outcome is Outcome.SENT:
-            serial = status.get("SerialNo")
-            return DeliveryResult(outcome=outcome, provider_message_id=str(serial) if serial else None, detail=detail)
-        return DeliveryResult(outcome=outcome, detail=detail)
+        return provider_result(outcome, detail, status.get("SerialNo"))
 
     def _safe(self, text: str) -> str:
         return safe_detail(text, secrets=(self._secret_key, self._secret_id))
