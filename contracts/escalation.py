@@ -16,6 +16,7 @@ CONFIRM_SUBJECT = f"{OPS_PREFIX}.confirm"
 WAIVE_SUBJECT = f"{OPS_PREFIX}.waive"
 WHY_SUBJECT = f"{OPS_PREFIX}.why"
 TICK_SUBJECT = f"{OPS_PREFIX}.tick"
+STATUS_SUBJECT = f"{OPS_PREFIX}.status"
 ESCALATION_SERVICE = "duban-escalation"
 
 
@@ -65,6 +66,16 @@ class TickReport(Fields, frozen=True):
     judged_on: dt.date
     counties: int
     new_actions: int
+
+
+class EscalationStatus(Fields, frozen=True):
+    observed_sequence: int  # the last event of the stream folded in
+    stream_last_sequence: int
+    lag: int
+    caught_up: bool  # the backlog at start is folded in and judged
+    judged_on: dt.date  # today, on the service's clock
+    counties: int
+    actions: dict[str, int]  # by state: proposed, issued, waived
 
 
 class OpsError(Fields, frozen=True):

@@ -78,3 +78,16 @@ class RefusalRecord(Fields, frozen=True):
     body: str
     body_encoding: str = "utf-8"  # or "base64"
     body_truncated: bool = False
+
+
+class StatusQuery(Fields, frozen=True):
+    """An ops status request: it takes no arguments (an empty body or ``{}``)."""
+
+
+class SubmissionsStatus(Fields, frozen=True):
+    """The submissions service's answer on ``duban.ops.submissions.status``."""
+
+    programmes: tuple[str, ...]
+    records_cached: int  # county records held in memory (each caught up from the stream)
+    in_flight: int  # submissions being decided right now in this instance
+    instance: str  # the micro service instance id that answered

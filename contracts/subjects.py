@@ -17,6 +17,9 @@ from contracts.commands import Role
 SUBMIT_PREFIX = "duban.submit"
 SUBMIT_ALL = f"{SUBMIT_PREFIX}.*.*"
 SUBMISSIONS_QUEUE = "duban-submissions"
+SUBMISSIONS_SERVICE = "duban-submissions"  # its NATS micro service name
+SUBMISSIONS_OPS_PREFIX = "duban.ops.submissions"
+SUBMISSIONS_STATUS_SUBJECT = f"{SUBMISSIONS_OPS_PREFIX}.status"
 
 EVENTS_STREAM = "DUBAN_EVENTS"
 EVENTS_PREFIX = "duban.events"

@@ -14,7 +14,6 @@ from typing import Any
 import msgspec
 import nats
 import pytest_asyncio
-from faststream.nats import NatsBroker
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
@@ -26,7 +25,8 @@ from contracts.replies import Accepted, RefusalRecord, Refused, decode_reply
 from contracts.subjects import EVENTS_STREAM, REFUSALS_STREAM, submit_subject
 from services.common.clock import SimulatedClock
 from services.common.jetstream import ensure_streams
-from services.submissions.app import register, start
+from services.common.micro import MicroService
+from services.submissions.app import start
 from services.submissions.service import SubmissionsService
 from services.submissions.store import EventStore
 
@@ -94,36 +94,38 @@ class Harness:
         return out
 
 
-async def start_service(url: str, clock: SimulatedClock) -> tuple[NatsBroker, NatsClient]:
+async def start_service(url: str, clock: SimulatedClock) -> tuple[MicroService, NatsClient]:
     nc = await nats.connect(url)
     js = nc.jetstream()
     service = SubmissionsService(EventStore(nc, js), {PROGRAMME.id: PROGRAMME}, clock)
-    broker = NatsBroker(url)
-    register(broker, service)
-    await start(broker)
-    return broker, nc
+    return await start(nc, service), nc
+
+
+async def reset_streams(js: JetStreamContext) -> None:
+    """Empty streams for a test: delete them (consumers go with them) and declare them anew."""
+    for stream in (EVENTS_STREAM, REFUSALS_STREAM):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(stream)
+    for attempt in range(50):  # the server removes a deleted stream's files asynchronously
+        try:
+            await ensure_streams(js)
+            return
+        except nats.js.errors.ServerError:
+            if attempt == 49:
+                raise
+            await asyncio.sleep(0.05)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def harness(nats_url: str) -> AsyncIterator[Harness]:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    for stream in (EVENTS_STREAM, REFUSALS_STREAM):  # every test starts from empty streams
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(stream)
-    for attempt in range(50):  # the server removes a deleted stream's files asynchronously
-        try:
-            await ensure_streams(js)
-            break
-        except nats.js.errors.ServerError:
-            if attempt == 49:
-                raise
-            await asyncio.sleep(0.05)
+    await reset_streams(js)  # every test starts from empty streams
     clock = SimulatedClock(NOW)
-    broker, service_nc = await start_service(nats_url, clock)
+    micro, service_nc = await start_service(nats_url, clock)
     try:
         yield Harness(nc, js, clock, PROGRAMME)
     finally:
-        await broker.stop()
+        await micro.stop()
         await service_nc.close()
         await nc.close()

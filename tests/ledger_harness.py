@@ -76,7 +76,7 @@ async def start_ledger(nats_url: str, dsn: str, clock: SimulatedClock) -> Ledger
     nc = await nats.connect(nats_url)
     projection = LedgerProjection(pool, {PROGRAMME.id: PROGRAMME})
     queries = LedgerQueries(LedgerReader(pool), {PROGRAMME.id: PROGRAMME}, clock, CALENDAR, LightSettings())
-    await start_service(nc, queries, {}, "0.0.0-test")
+    await start_service(nc, queries, [], "0.0.0-test")
     stop = asyncio.Event()
     task = asyncio.create_task(supervise_live(nc.jetstream(), projection, stop))
     return Ledger(nc, pool, projection, stop, task)

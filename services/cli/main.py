@@ -25,8 +25,10 @@ from contracts.schema import SCHEMA_DIR, render_schemas, write_schemas
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, REFUSALS_ALL, REFUSALS_STREAM, submit_subject
 from services.common.clock import SystemClock
 from services.common.logging import configure_logging
+from services.common.opshttp import Readiness
 from services.common.runtime import client_runtime, infrastructure
 from services.common.settings import Settings
+from services.common.supervisor import SERVICES, ServiceRun, run_services, service_runners
 
 app = typer.Typer(no_args_is_help=True, help="duban 督办: supervise a programme's milestones across counties.")
 deploy_app = typer.Typer(no_args_is_help=True, help="Files an operator deploys.")
@@ -45,46 +47,50 @@ def _settings() -> Settings:
 
 
 @app.command()
-def up() -> None:
+def up(
+    services: Annotated[
+        str, typer.Option(help="Which services this process runs (comma-separated); several processes may share.")
+    ] = ",".join(SERVICES),
+) -> None:
     """Run duban: the configured NATS and PostgreSQL, or embedded ones, and the services.
 
-    Stops cleanly on Ctrl-C / SIGTERM.
+    Each service is a NATS micro service (`nats micro ls`). The ops HTTP port (DUBAN_OPS_ADDR,
+    default 127.0.0.1:9464) serves /metrics, /readyz and /livez. Stops cleanly on Ctrl-C /
+    SIGTERM: no new requests are taken, those in flight are finished, consumers commit and stop.
     """
     settings = _settings()
-    asyncio.run(_up(settings))
+    names = tuple(n.strip() for n in services.split(",") if n.strip())
+    try:
+        runners = service_runners(names)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    asyncio.run(_up(settings, runners))
 
 
-async def _up(settings: Settings) -> None:
-    from services.escalation import main as escalation
-    from services.ledger import main as ledger
-    from services.notifier import main as notifier
-    from services.submissions import main as submissions
-
+async def _up(settings: Settings, runners: dict[str, ServiceRun]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with infrastructure(settings) as runtime:
-        clock = SystemClock()
-        services = {
-            "submissions": submissions.run,
-            "ledger": ledger.run,
-            "escalation": escalation.run,
-            "notifier": notifier.run,
-        }
-        readiness = {name: asyncio.Event() for name in services}
-        tasks = [asyncio.create_task(run(runtime, clock, stop, readiness[name])) for name, run in services.items()]
-        all_ready = asyncio.create_task(asyncio.wait([asyncio.create_task(e.wait()) for e in readiness.values()]))
-        await asyncio.wait([*tasks, all_ready], return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            if task.done() and task.exception() is not None:
-                stop.set()
-                raise task.exception()  # type: ignore[misc]
-        err.print(
-            f"[bold green]duban is running[/] — NATS {runtime.nats_url}; services: {', '.join(services)}; "
-            f"programmes: {', '.join(runtime.programmes)}. Ctrl-C stops it."
+        readiness = Readiness(list(runners))
+        running = asyncio.create_task(
+            run_services(
+                runtime, SystemClock(), stop, runners, readiness=readiness, ops_address=settings.ops_address or None
+            )
         )
-        await asyncio.gather(*tasks)
+        ready = asyncio.create_task(readiness.wait())
+        await asyncio.wait([running, ready], return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            ops = f"; metrics and readiness on http://{settings.ops_address}" if settings.ops_address else ""
+            err.print(
+                f"[bold green]duban is running[/] — NATS {runtime.nats_url}; services: {', '.join(runners)}; "
+                f"programmes: {', '.join(runtime.programmes)}{ops}. Ctrl-C stops it."
+            )
+        else:
+            ready.cancel()
+        await running
 
 
 @app.command()

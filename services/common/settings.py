@@ -30,6 +30,10 @@ class Settings:
     policy_file: Path | None = None
     # Operator year files for the working-day calendar, beyond the years chinesecalendar knows.
     calendar_files: tuple[Path, ...] = ()
+    # The ops HTTP port (/metrics, /readyz, /livez); empty: none.
+    ops_address: str = "127.0.0.1:9464"
+    # The HTTP gateway for county systems; empty: not started by `duban up`.
+    http_address: str = "127.0.0.1:8321"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -47,6 +51,8 @@ class Settings:
             embedded_nats_port=int(env.get("DUBAN_EMBEDDED_NATS_PORT", "4333")),
             policy_file=Path(env["DUBAN_POLICY"]) if env.get("DUBAN_POLICY") else None,
             calendar_files=tuple(Path(p) for p in env.get("DUBAN_CALENDARS", "").split(os.pathsep) if p),
+            ops_address=env.get("DUBAN_OPS_ADDR", "127.0.0.1:9464"),
+            http_address=env.get("DUBAN_HTTP_ADDR", "127.0.0.1:8321"),
         )
 
     @property

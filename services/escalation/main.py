@@ -5,45 +5,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 from importlib.metadata import version
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import structlog
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import Service
 
 from contracts.escalation import (
     ACTIONS_SUBJECT,
     CONFIRM_SUBJECT,
     ESCALATION_SERVICE,
+    STATUS_SUBJECT,
     TICK_SUBJECT,
     WAIVE_SUBJECT,
     WHY_SUBJECT,
     ActionList,
     ActionsQuery,
     ConfirmAction,
+    EscalationStatus,
     OpsError,
     TickReport,
     WaiveAction,
     WhyQuery,
 )
 from contracts.events import decode_event
+from contracts.replies import StatusQuery
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM
 from services.common.clock import Clock
 from services.common.jetstream import ensure_streams
+from services.common.micro import MicroService, json_endpoint, start_micro
 from services.common.runtime import Runtime, load_policy_and_calendar
 from services.escalation.ladder import Judge
-from services.escalation.service import EscalationService, OpsFailure
+from services.escalation.service import EscalationService
 
 SERVICE_USER = "svc-escalation"
 log = structlog.get_logger(__name__)
-Q = TypeVar("Q")
 
 
 async def follow(
@@ -110,28 +109,11 @@ async def tick_forever(
                 log.exception("escalation tick failed; next tick retries")
 
 
-def _endpoint(query_type: type[Q], answer: Callable[[Q], Awaitable[Any]]) -> Callable[[Request], Awaitable[None]]:
-    decoder = msgspec.json.Decoder(query_type)
+async def start_service(
+    nc: Any, service: EscalationService, clock: Clock, release: str, caught_up: asyncio.Event | None = None
+) -> MicroService:
+    js = nc.jetstream()
 
-    async def handle(request: Request) -> None:
-        try:
-            result = await answer(decoder.decode(request.data or b"{}"))
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            error = OpsError(
-                code="bad_request", message_zh="请求格式错误", message_en="malformed request", detail=str(exc)
-            )
-            await request.respond_error("400", error.message_en, msgspec.json.encode(error))
-            return
-        except OpsFailure as failure:
-            error = OpsError(code=failure.code, message_zh=failure.zh, message_en=failure.en, detail=failure.detail)
-            await request.respond_error("409", error.message_en, msgspec.json.encode(error))
-            return
-        await request.respond(msgspec.json.encode(result))
-
-    return handle
-
-
-async def start_service(nc: Any, service: EscalationService, clock: Clock, release: str) -> Service:
     async def actions(q: ActionsQuery) -> ActionList:
         return ActionList(items=tuple(service.actions(q.programme_id, q.county_code, q.state)))
 
@@ -142,18 +124,32 @@ async def start_service(nc: Any, service: EscalationService, clock: Clock, relea
         count = await service.judge()
         return TickReport(judged_on=clock.now().date(), counties=len(service.counties()), new_actions=count)
 
-    micro = await add_service(
-        nc, name=ESCALATION_SERVICE, version=release, description="duban escalation: the accountability ladder"
+    async def status(_: StatusQuery) -> EscalationStatus:
+        last = int((await js.stream_info(EVENTS_STREAM)).state.last_seq)
+        return EscalationStatus(
+            observed_sequence=service.observed_sequence,
+            stream_last_sequence=last,
+            lag=max(0, last - service.observed_sequence),
+            caught_up=caught_up.is_set() if caught_up is not None else True,
+            judged_on=clock.now().date(),
+            counties=len(service.counties()),
+            actions=service.action_counts(),
+        )
+
+    return await start_micro(
+        nc,
+        name=ESCALATION_SERVICE,
+        version=release,
+        description="duban escalation: the accountability ladder",
+        endpoints=[
+            json_endpoint("actions", ACTIONS_SUBJECT, ActionsQuery, actions, OpsError),
+            json_endpoint("confirm", CONFIRM_SUBJECT, ConfirmAction, service.confirm, OpsError),
+            json_endpoint("waive", WAIVE_SUBJECT, WaiveAction, service.waive, OpsError),
+            json_endpoint("why", WHY_SUBJECT, WhyQuery, why, OpsError),
+            json_endpoint("tick", TICK_SUBJECT, ActionsQuery, tick, OpsError),
+            json_endpoint("status", STATUS_SUBJECT, StatusQuery, status, OpsError),
+        ],
     )
-    for name, subject, handler in (
-        ("actions", ACTIONS_SUBJECT, _endpoint(ActionsQuery, actions)),
-        ("confirm", CONFIRM_SUBJECT, _endpoint(ConfirmAction, service.confirm)),
-        ("waive", WAIVE_SUBJECT, _endpoint(WaiveAction, service.waive)),
-        ("why", WHY_SUBJECT, _endpoint(WhyQuery, why)),
-        ("tick", TICK_SUBJECT, _endpoint(ActionsQuery, tick)),
-    ):
-        await micro.add_endpoint(name=name, subject=subject, handler=handler)
-    return micro
 
 
 async def run(
@@ -171,7 +167,7 @@ async def run(
         judges = {p.id: Judge(p, {policy.version: policy}, policy, calendar) for p in runtime.programmes.values()}
         service = EscalationService(js, judges, clock)
         caught_up = asyncio.Event()
-        micro = await start_service(nc, service, clock, version("duban"))
+        micro = await start_service(nc, service, clock, version("duban"), caught_up)
         tasks = [
             asyncio.create_task(follow(js, service, stop, caught_up)),
             asyncio.create_task(tick_forever(service, stop, caught_up, tick_seconds)),

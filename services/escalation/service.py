@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import hashlib
 from collections.abc import Iterable
+from typing import ClassVar
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -35,17 +36,22 @@ from contracts.facts import ActionFacts, CountyFacts, apply, fold, new_facts
 from contracts.payloads import recorded_as
 from contracts.programme import Programme
 from contracts.subjects import EVENT_TYPE_HEADER, actions_subject
+from services.common import metrics
 from services.common.clock import Clock
+from services.common.micro import EndpointFailure
 from services.escalation.ladder import Judge, due_actions
 
 log = structlog.get_logger(__name__)
 Key = tuple[str, str]
 
 
-class OpsFailure(Exception):
+class OpsFailure(EndpointFailure):
+    """An operator's request refused: no such action (404), malformed (400), or its state (409)."""
+
+    STATUS: ClassVar[dict[str, str]] = {"unknown_action": "404", "bad_request": "400"}
+
     def __init__(self, code: str, zh: str, en: str, detail: str = "") -> None:
-        super().__init__(en)
-        self.code, self.zh, self.en, self.detail = code, zh, en, detail
+        super().__init__(code, zh, en, detail, self.STATUS.get(code, "409"))
 
 
 class EscalationService:
@@ -58,10 +64,12 @@ class EscalationService:
         self._history: dict[Key, list[tuple[int, EventEnvelope]]] = {}
         self._appended: set[str] = set()  # action ids appended and not yet seen back
         self._lock = asyncio.Lock()
+        self.observed_sequence = 0  # the last stream sequence folded in
 
     # -- following the stream ------------------------------------------------------------------
     def observe(self, sequence: int, envelope: EventEnvelope) -> Key | None:
         """Fold one stored event in; returns the county it concerns (None: not ours)."""
+        self.observed_sequence = max(self.observed_sequence, sequence)
         judge = self._judges.get(envelope.programme_id)
         if judge is None:
             return None
@@ -87,19 +95,30 @@ class EscalationService:
     async def judge(self, keys: Iterable[Key] | None = None) -> int:
         """Judge the given counties (all: every county of every programme) now; returns new actions."""
         async with self._lock:
-            count = 0
-            targets = list(keys) if keys is not None else self._all_counties()
-            for programme_id, county_code in targets:
-                judge = self._judges[programme_id]
-                key = (programme_id, county_code)
-                facts = self._facts.get(key) or new_facts(judge.programme, county_code)
-                for action in due_actions(judge, facts, self._today(judge.programme)):
-                    if action.action_id in self._appended:
-                        continue
-                    await self._append(programme_id, county_code, [action], action.action_id)
-                    self._appended.add(action.action_id)
-                    count += 1
-            return count
+            with metrics.JUDGE_SECONDS.time():
+                return await self._judge(keys)
+
+    async def _judge(self, keys: Iterable[Key] | None) -> int:
+        count = 0
+        targets = list(keys) if keys is not None else self._all_counties()
+        for programme_id, county_code in targets:
+            judge = self._judges[programme_id]
+            key = (programme_id, county_code)
+            facts = self._facts.get(key) or new_facts(judge.programme, county_code)
+            for action in due_actions(judge, facts, self._today(judge.programme)):
+                if action.action_id in self._appended:
+                    continue
+                await self._append(programme_id, county_code, [action], action.action_id)
+                self._appended.add(action.action_id)
+                count += 1
+        return count
+
+    def action_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for facts in self._facts.values():
+            for action in facts.actions.values():
+                counts[action.state] = counts.get(action.state, 0) + 1
+        return counts
 
     def counties(self) -> list[Key]:
         return self._all_counties()
@@ -134,6 +153,8 @@ class EscalationService:
                 headers={"Nats-Msg-Id": f"{event_id}#{index}", EVENT_TYPE_HEADER: event_type},
             )
             log.info("action recorded", action=event_key, type=event_type, county_code=county_code)
+            level = getattr(payload, "level_id", None) or "-"
+            metrics.ACTIONS.labels(level=level, state=event_type.removeprefix("action_")).inc()
 
     # -- operators ------------------------------------------------------------------------------
     def _find(self, action_id: str) -> tuple[Key, CountyFacts]:

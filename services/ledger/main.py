@@ -6,14 +6,14 @@ import asyncio
 import contextlib
 from importlib.metadata import version
 
-import msgspec
 import structlog
-from nats.micro.request import Request
 
-from contracts.ledger import PROJECTION_STATUS_SUBJECT, REBUILD_SUBJECT, ProjectionStatus, RebuildReport
+from contracts.ledger import PROJECTION_STATUS_SUBJECT, REBUILD_SUBJECT, ProjectionStatus, QueryError, RebuildReport
+from contracts.replies import StatusQuery
 from contracts.subjects import EVENTS_STREAM
 from services.common.clock import Clock
 from services.common.jetstream import ensure_streams
+from services.common.micro import json_endpoint
 from services.common.postgres import create_pool
 from services.common.runtime import Runtime, load_policy_and_calendar
 from services.ledger.consumer import read_stream, supervise_live
@@ -45,26 +45,30 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
         queries = LedgerQueries(reader, runtime.programmes, clock, calendar, settings)
         pause = asyncio.Lock()
 
-        async def rebuild(request: Request) -> None:
+        async def rebuild(_: StatusQuery) -> RebuildReport:
             async with pause:
                 end = int((await js.stream_info(EVENTS_STREAM)).state.last_seq)
                 result = await projection.rebuild(read_stream(js), expected_last=end)
             rate = result.events / result.seconds if result.seconds else 0.0
             log.info("ledger rebuilt", events=result.events, seconds=round(result.seconds, 2))
-            report = RebuildReport(
+            return RebuildReport(
                 events=result.events, last_sequence=result.last_sequence, seconds=result.seconds, events_per_second=rate
             )
-            await request.respond(msgspec.json.encode(report))
 
-        async def status(request: Request) -> None:
+        async def status(_: StatusQuery) -> ProjectionStatus:
             info = await js.stream_info(EVENTS_STREAM)
             checkpoint = await projection.checkpoint()
             last = int(info.state.last_seq)
-            answer = ProjectionStatus(checkpoint=checkpoint, stream_last_sequence=last, lag=max(0, last - checkpoint))
-            await request.respond(msgspec.json.encode(answer))
+            return ProjectionStatus(checkpoint=checkpoint, stream_last_sequence=last, lag=max(0, last - checkpoint))
 
         service = await start_service(
-            nc, queries, {REBUILD_SUBJECT: rebuild, PROJECTION_STATUS_SUBJECT: status}, version("duban")
+            nc,
+            queries,
+            [
+                json_endpoint("rebuild", REBUILD_SUBJECT, StatusQuery, rebuild, QueryError),
+                json_endpoint("status", PROJECTION_STATUS_SUBJECT, StatusQuery, status, QueryError),
+            ],
+            version("duban"),
         )
         consumer = asyncio.create_task(supervise_live(js, projection, stop, pause))
         log.info("ledger service serving")

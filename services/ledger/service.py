@@ -8,15 +8,9 @@ service error headers.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
 
-import msgspec
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import Service
 
 from contracts.facts import CountyFacts, new_facts
 from contracts.ledger import (
@@ -39,23 +33,17 @@ from contracts.ledger import (
 from contracts.programme import County, Programme
 from contracts.workdays import WorkdayCalendar
 from services.common.clock import Clock
+from services.common.micro import Endpoint, EndpointFailure, MicroService, json_endpoint, start_micro
 from services.ledger import views
 from services.ledger.queries import LedgerReader
 from services.ledger.status import LightSettings
 
 log = structlog.get_logger(__name__)
-Q = TypeVar("Q")
 XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
 
-class QueryFailed(Exception):
-    def __init__(self, error: QueryError) -> None:
-        super().__init__(error.message_en)
-        self.error = error
-
-
-def _error(code: str, zh: str, en: str, detail: str = "") -> QueryFailed:
-    return QueryFailed(QueryError(code=code, message_zh=zh, message_en=en, detail=detail))
+def _error(code: str, zh: str, en: str, detail: str = "", status: str = "404") -> EndpointFailure:
+    return EndpointFailure(code, zh, en, detail, status)
 
 
 class LedgerQueries:
@@ -96,7 +84,7 @@ class LedgerQueries:
         if as_of is None:
             return await self._reader.states(programme), now
         if as_of > now:
-            raise _error("bad_request", "查询时间晚于当前时间", "as_of lies in the future", as_of.isoformat())
+            raise _error("bad_request", "查询时间晚于当前时间", "as_of lies in the future", as_of.isoformat(), "400")
         return await self._reader.states_as_of(programme, as_of), as_of
 
     def _context(self, programme: Programme, as_of: dt.datetime) -> views.ViewContext:
@@ -138,63 +126,23 @@ class LedgerQueries:
         return progress_table_xlsx(await self.table(query))
 
 
-def _endpoint(
-    query_type: type[Q], answer: Callable[[Q], Awaitable[Any]], raw: bool = False
-) -> Callable[[Request], Awaitable[None]]:
-    decoder = msgspec.json.Decoder(query_type)
-
-    async def handle(request: Request) -> None:
-        try:
-            query = decoder.decode(request.data or b"{}")
-            result = await answer(query)
-        except msgspec.ValidationError as exc:
-            failure = _error("bad_request", "查询格式错误", "malformed query", str(exc))
-            await request.respond_error("400", failure.error.message_en, msgspec.json.encode(failure.error))
-            return
-        except msgspec.DecodeError as exc:
-            failure = _error("bad_request", "查询不是合法的JSON", "the query is not JSON", str(exc))
-            await request.respond_error("400", failure.error.message_en, msgspec.json.encode(failure.error))
-            return
-        except QueryFailed as failed:
-            await request.respond_error("404", failed.error.message_en, msgspec.json.encode(failed.error))
-            return
-        except Exception as exc:
-            log.exception("ledger query failed")
-            failure = _error("unavailable", "查询暂时无法完成", "the query failed", str(exc))
-            await request.respond_error("500", failure.error.message_en, msgspec.json.encode(failure.error))
-            return
-        if raw:
-            await request.respond(result, headers={"Content-Type": XLSX_CONTENT_TYPE})
-        else:
-            await request.respond(msgspec.json.encode(result))
-
-    return handle
-
-
-async def start_service(
-    nc: NatsClient,
-    queries: LedgerQueries,
-    ops: dict[str, Callable[[Request], Awaitable[None]]],
-    version: str,
-) -> Service:
-    service = await add_service(
+async def start_service(nc: NatsClient, queries: LedgerQueries, ops: list[Endpoint], version: str) -> MicroService:
+    return await start_micro(
         nc,
         name=LEDGER_SERVICE,
         version=version,
         description="duban ledger: the progress table, county detail and history, as of any date",
+        endpoints=[
+            json_endpoint("table", TABLE_SUBJECT, TableQuery, queries.table, QueryError),
+            json_endpoint("county", COUNTY_SUBJECT, CountyQuery, queries.county, QueryError),
+            json_endpoint("history", HISTORY_SUBJECT, CountyQuery, queries.history, QueryError),
+            json_endpoint("overdue", OVERDUE_SUBJECT, TableQuery, queries.overdue, QueryError),
+            json_endpoint(
+                "report", REPORT_SUBJECT, TableQuery, queries.report, QueryError, content_type=XLSX_CONTENT_TYPE
+            ),
+            *ops,
+        ],
     )
-    endpoints: list[tuple[str, str, Callable[[Request], Awaitable[None]]]] = [
-        ("table", TABLE_SUBJECT, _endpoint(TableQuery, queries.table)),
-        ("county", COUNTY_SUBJECT, _endpoint(CountyQuery, queries.county)),
-        ("history", HISTORY_SUBJECT, _endpoint(CountyQuery, queries.history)),
-        ("overdue", OVERDUE_SUBJECT, _endpoint(TableQuery, queries.overdue)),
-        ("report", REPORT_SUBJECT, _endpoint(TableQuery, queries.report, raw=True)),
-    ]
-    for name, subject, handler in endpoints:
-        await service.add_endpoint(name=name, subject=subject, handler=handler)
-    for subject, handler in ops.items():
-        await service.add_endpoint(name=subject.rsplit(".", 1)[-1], subject=subject, handler=handler)
-    return service
 
 
 __all__ = ["PROJECTION_STATUS_SUBJECT", "REBUILD_SUBJECT", "LedgerQueries", "start_service"]

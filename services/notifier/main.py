@@ -17,17 +17,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import structlog
 from nats.js import JetStreamContext
 
 from contracts.directory import Directory, example_directory_path, load_directory
+from contracts.escalation import OpsError
+from contracts.notifier import NOTIFIER_SERVICE, STATUS_SUBJECT, StatusQuery
 from contracts.subjects import ACTIONS_ALL, EVENTS_STREAM
 from services.common.clock import Clock
 from services.common.consumer import follow
 from services.common.jetstream import ensure_streams
+from services.common.micro import json_endpoint, start_micro
 from services.common.postgres import create_pool
 from services.common.runtime import Runtime
 from services.notifier import outbox
@@ -125,28 +130,58 @@ async def send_forever(
             log.exception("notifier sender failed; retrying")
             handled = 0
         if not handled:
+            # Idle: wait for new outbox rows (the consumer wakes us) or for rows falling due.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                await asyncio.wait_for(_first(stop.wait(), notifier.work_arrived.wait()), interval)
+            notifier.work_arrived.clear()
 
 
-async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def run(
+    runtime: Runtime,
+    clock: Clock,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+    *,
+    channels: dict[str, Channel] | None = None,
+    directory: Directory | None = None,
+) -> None:
+    """Channels and directory come from the environment unless given (the demo gives its own)."""
     if runtime.database_url is None:
         raise RuntimeError("the notifier needs PostgreSQL: set DATABASE_URL or let duban start its own")
     pool = await create_pool(runtime.database_url)
     nc = await runtime.connect_as(SERVICE_USER)
-    channels = channels_from_env(runtime.settings.state_dir)
+    channels = channels if channels is not None else channels_from_env(runtime.settings.state_dir)
     try:
         async with pool.acquire() as conn:
             await outbox.migrate(conn)
         js = nc.jetstream()
         await ensure_streams(js, runtime.settings.stream_replicas)
         settings = settings_from_env(channels)
-        notifier = Notifier(pool, js, channels, directory_from_env(runtime), settings, runtime.programmes, clock)
+        notifier = Notifier(
+            pool, js, channels, directory or directory_from_env(runtime), settings, runtime.programmes, clock
+        )
         tasks = [asyncio.create_task(consume(js, notifier, stop)), asyncio.create_task(send_forever(notifier, stop))]
+        micro = await start_micro(
+            nc,
+            name=NOTIFIER_SERVICE,
+            version=version("duban"),
+            description="duban notifier: SMS and e-mail to the responsible people, once in effect",
+            endpoints=[json_endpoint("status", STATUS_SUBJECT, StatusQuery, lambda _: notifier.status(), OpsError)],
+        )
         log.info("notifier serving", channels=list(settings.channels))
         if ready is not None:
             ready.set()
         await stop.wait()
+        await micro.stop()
         await asyncio.gather(*tasks)
     finally:
         for channel in channels.values():

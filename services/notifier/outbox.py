@@ -226,3 +226,20 @@ async def sms_sent_on(conn: Connection, recipient_id: str, start: dt.datetime, e
         end,
     )
     return int(value or 0)
+
+
+async def state_counts(conn: Connection) -> dict[str, int]:
+    rows = await conn.fetch("SELECT state, count(*) AS n FROM notifier.outbox GROUP BY state")
+    return {str(r["state"]): int(r["n"]) for r in rows}
+
+
+async def unpublished_events(conn: Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM notifier.event_outbox") or 0)
+
+
+async def due_count(conn: Connection, now: dt.datetime) -> int:
+    """Pending rows whose time has come: what the sender has still to do right now."""
+    value = await conn.fetchval(
+        "SELECT count(*) FROM notifier.outbox WHERE state = 'pending' AND next_attempt_at <= $1", now
+    )
+    return int(value or 0)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
@@ -34,8 +35,10 @@ from contracts.events import (
     encode_event,
     event_type_of,
 )
+from contracts.notifier import NotifierStatus
 from contracts.programme import Programme
-from contracts.subjects import EVENT_TYPE_HEADER, notifications_subject
+from contracts.subjects import EVENT_TYPE_HEADER, EVENTS_STREAM, notifications_subject
+from services.common import metrics
 from services.common.clock import Clock
 from services.common.postgres import Connection
 from services.notifier import outbox
@@ -85,11 +88,28 @@ class Notifier:
         self._settings = settings
         self._programmes = programmes
         self._clock = clock
+        self.work_arrived = asyncio.Event()  # set when outbox rows are added: the sender need not poll
 
     # -- 1. planning ----------------------------------------------------------------------------
     async def checkpoint(self) -> int:
         async with self._pool.acquire() as conn:
             return await outbox.checkpoint(conn)
+
+    async def status(self) -> NotifierStatus:
+        async with self._pool.acquire() as conn:
+            checkpoint = await outbox.checkpoint(conn)
+            states = await outbox.state_counts(conn)
+            unpublished = await outbox.unpublished_events(conn)
+            due = await outbox.due_count(conn, self._clock.now())
+        last = int((await self._js.stream_info(EVENTS_STREAM)).state.last_seq)
+        return NotifierStatus(
+            checkpoint=checkpoint,
+            stream_last_sequence=last,
+            outbox=states,
+            channels=tuple(self._settings.channels),
+            events_unpublished=unpublished,
+            due_now=due,
+        )
 
     async def apply_batch(self, batch: Sequence[tuple[int, bytes]]) -> int:
         now = self._clock.now()
@@ -125,7 +145,8 @@ class Notifier:
                     )
             if last > checkpoint:
                 await outbox.set_checkpoint(conn, last)
-            return last
+        self.work_arrived.set()
+        return last
 
     # -- 2. sending -----------------------------------------------------------------------------
     async def work_once(self, limit: int = 50) -> int:
@@ -389,6 +410,7 @@ class Notifier:
             provider_message_id=provider_message_id,
         )
         event_type = event_type_of(payload)  # type: ignore[arg-type]
+        metrics.NOTIFICATIONS.labels(channel=message.channel, outcome=event_type.removeprefix("notification_")).inc()
         event_id = f"{message.message_id}:{event_type}:{attempt}"
         envelope = EventEnvelope(
             event_id=event_id,

@@ -1,49 +1,57 @@
-"""The submissions service on NATS: FastStream wiring only; the work is in SubmissionsService.
+"""The submissions service on NATS: a micro service (``duban-submissions``) whose ``submit``
+endpoint answers ``duban.submit.<role>.<county_code>``; the work is in SubmissionsService.
 
-Request-reply on ``duban.submit.<role>.<county_code>`` in a queue group, so several instances
-share the load. The body is handed over undecoded: the service decodes it strictly itself.
+Micro endpoints share a queue group, so several instances share the load. Requests run
+concurrently (appends wait on the server's disk), one at a time per county in this process.
+The body is handed over undecoded: the service decodes it strictly itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from importlib.metadata import version
 
-from faststream import FastStream
-from faststream.message import StreamMessage
-from faststream.nats import NatsBroker, NatsMessage
+from nats.aio.client import Client as NatsClient
+from nats.micro.request import Request
 
-from contracts.commands import encode
-from contracts.subjects import SUBMISSIONS_QUEUE, SUBMIT_PREFIX
+from contracts.escalation import OpsError
+from contracts.replies import Accepted, StatusQuery, SubmissionsStatus
+from contracts.subjects import SUBMISSIONS_SERVICE, SUBMISSIONS_STATUS_SUBJECT, SUBMIT_ALL
+from services.common import metrics
+from services.common.micro import Endpoint, MicroService, json_endpoint, readable_json, start_micro
 from services.submissions.service import SubmissionsService
 
-SUBMIT_PATTERN = SUBMIT_PREFIX + ".{role}.{county}"
+MAX_IN_FLIGHT = 64
 
 
-async def _raw_body(message: StreamMessage[Any]) -> bytes:
-    # FastStream would JSON-decode the body first; strict decoding is ours to do.
-    return bytes(message.body)
-
-
-def register(broker: NatsBroker, service: SubmissionsService, max_workers: int = 64) -> None:
-    @broker.subscriber(
-        SUBMIT_PATTERN,
-        queue=SUBMISSIONS_QUEUE,
-        decoder=_raw_body,
-        max_workers=max_workers,
-        title="submit",
-        description="A county system or operator submits one command; the reply says what was stored.",
-    )
-    async def on_submission(body: bytes, message: NatsMessage) -> bytes:
-        reply = await service.handle(message.raw_message.subject, body)
-        return encode(reply)
-
-
-async def start(broker: NatsBroker) -> None:
+async def start(nc: NatsClient, service: SubmissionsService, max_in_flight: int = MAX_IN_FLIGHT) -> MicroService:
     """Start serving; returns once the server has registered the subscriptions."""
-    await broker.start()
-    await broker.connection.flush()
 
+    async def submit(request: Request) -> None:
+        reply = await service.handle(request.subject, request.data)
+        if isinstance(reply, Accepted):
+            metrics.SUBMISSIONS.labels(outcome="duplicate" if reply.duplicate else "accepted", code="").inc()
+        else:
+            metrics.SUBMISSIONS.labels(outcome="refused", code=reply.code.value).inc()
+        await request.respond(readable_json(reply))
 
-def build_app(broker: NatsBroker, service: SubmissionsService) -> FastStream:
-    register(broker, service)
-    return FastStream(broker)
+    micro: MicroService | None = None
+
+    async def status(_: StatusQuery) -> SubmissionsStatus:
+        return SubmissionsStatus(
+            programmes=tuple(sorted(service.programmes)),
+            records_cached=service.records_cached,
+            in_flight=len(micro.in_flight) if micro else 0,
+            instance=micro.service.id if micro else "",
+        )
+
+    micro = await start_micro(
+        nc,
+        name=SUBMISSIONS_SERVICE,
+        version=version("duban"),
+        description="duban submissions: validates, authorises and decides each submission; appends the facts",
+        endpoints=[
+            Endpoint("submit", SUBMIT_ALL, submit, concurrency=max_in_flight),
+            json_endpoint("status", SUBMISSIONS_STATUS_SUBJECT, StatusQuery, status, OpsError),
+        ],
+    )
+    return micro

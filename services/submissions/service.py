@@ -49,6 +49,14 @@ class SubmissionsService:
         # order by the expected-sequence check on append.
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
+    @property
+    def programmes(self) -> dict[str, Programme]:
+        return self._programmes
+
+    @property
+    def records_cached(self) -> int:
+        return len(self._records)
+
     async def handle(self, subject: str, body: bytes) -> Accepted | Refused:
         tokens = parse_submit_subject(subject)
         role_token, county_token = tokens if tokens else ("unknown", "unknown")

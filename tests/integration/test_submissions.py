@@ -276,7 +276,7 @@ async def test_a_step_out_of_order_is_stored_with_its_finding(harness: Harness) 
 async def test_concurrent_submissions_for_one_county_are_all_stored_in_order(harness: Harness, nats_url: str) -> None:
     # A second service instance in the same queue group: the two decide against their own
     # cached records, so appends race and the expected-sequence check must serialise them.
-    broker, nc = await start_service(nats_url, harness.clock)
+    micro, nc = await start_service(nats_url, harness.clock)
     try:
         ids = [new_id("conc") for _ in range(40)]
         replies = await asyncio.gather(
@@ -286,7 +286,7 @@ async def test_concurrent_submissions_for_one_county_are_all_stored_in_order(har
             )
         )
     finally:
-        await broker.stop()
+        await micro.stop()
         await nc.close()
     assert all(isinstance(r, Accepted) and not r.duplicate for r in replies), replies
     stored = await harness.events("410928")

@@ -1,0 +1,77 @@
+"""Run duban's services side by side in one process: `duban up` and `duban demo` both do.
+
+Each service is a coroutine ``run(runtime, clock, stop, ready)`` that connects as its own NATS
+user, sets ``ready`` once it serves and returns after ``stop``, having finished its work in
+flight. If one fails, the others are stopped and the failure is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from services.common.clock import Clock
+from services.common.opshttp import Readiness, serve_ops
+from services.common.runtime import Runtime
+
+ServiceRun = Callable[[Runtime, Clock, asyncio.Event, asyncio.Event | None], Coroutine[Any, Any, None]]
+SERVICES = ("submissions", "ledger", "escalation", "notifier")
+log = structlog.get_logger(__name__)
+
+
+def service_runners(names: tuple[str, ...] = SERVICES) -> dict[str, ServiceRun]:
+    from services.escalation import main as escalation
+    from services.ledger import main as ledger
+    from services.notifier import main as notifier
+    from services.submissions import main as submissions
+
+    known: dict[str, ServiceRun] = {
+        "submissions": submissions.run,
+        "ledger": ledger.run,
+        "escalation": escalation.run,
+        "notifier": notifier.run,
+    }
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return {name: known[name] for name in names}
+
+
+async def run_services(
+    runtime: Runtime,
+    clock: Clock,
+    stop: asyncio.Event,
+    services: dict[str, ServiceRun],
+    *,
+    readiness: Readiness | None = None,
+    ops_address: str | None = None,
+) -> None:
+    """Run ``services`` until ``stop`` is set (or one fails); serve the ops HTTP port if asked."""
+    readiness = readiness or Readiness(list(services))
+    tasks = {
+        name: asyncio.create_task(run(runtime, clock, stop, readiness.event(name)), name=name)
+        for name, run in services.items()
+    }
+    ops = asyncio.create_task(serve_ops(ops_address, readiness, stop)) if ops_address else None
+    try:
+        done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
+        failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+        if failed:
+            log.error("a service failed; stopping the others", service=failed[0].get_name())
+            readiness.stopping()
+            stop.set()
+            await asyncio.wait(tasks.values(), timeout=15)
+            raise failed[0].exception()  # type: ignore[misc]
+    finally:
+        readiness.stopping()
+        stop.set()
+        for task in tasks.values():
+            if not task.done():
+                task.cancel()
+        if ops is not None:
+            with contextlib.suppress(Exception):
+                await ops

@@ -1,0 +1,142 @@
+"""All four services running as `duban up` runs them, on a real nats-server and PostgreSQL: each
+is a NATS micro service answering the service protocol, each ops subject answers JSON a person can
+read, and the ops HTTP port serves readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import msgspec
+import nats
+import pytest_asyncio
+from nats.aio.client import Client as NatsClient
+
+from contracts.commands import Role
+from contracts.escalation import STATUS_SUBJECT as ESCALATION_STATUS
+from contracts.ledger import PROJECTION_STATUS_SUBJECT, TABLE_SUBJECT
+from contracts.notifier import STATUS_SUBJECT as NOTIFIER_STATUS
+from contracts.programme import load_default_programme
+from contracts.replies import Accepted, decode_reply
+from contracts.subjects import SUBMISSIONS_STATUS_SUBJECT, submit_subject
+from services.common.clock import SimulatedClock
+from services.common.opshttp import Readiness
+from services.common.runtime import Runtime
+from services.common.settings import Settings
+from services.common.supervisor import SERVICES, run_services, service_runners
+from tests.harness import reset_streams
+
+SHANGHAI = dt.timezone(dt.timedelta(hours=8))
+SERVICE_NAMES = {f"duban-{name}" for name in SERVICES}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    nc: NatsClient
+    clock: SimulatedClock
+    ops_url: str
+    readiness: Readiness
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def running(nats_url: str, fresh_database: str, tmp_path_factory: object) -> AsyncIterator[Running]:
+    nc = await nats.connect(nats_url)
+    await reset_streams(nc.jetstream())
+    clock = SimulatedClock(dt.datetime(2017, 3, 20, 10, 0, tzinfo=SHANGHAI))
+    programme = load_default_programme()
+    state = tmp_path_factory.mktemp("state")  # type: ignore[attr-defined]
+    runtime = Runtime(Settings(state_dir=state), {programme.id: programme}, nats_url, fresh_database)
+    address = f"127.0.0.1:{free_port()}"
+    readiness = Readiness(list(SERVICES))
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_services(runtime, clock, stop, service_runners(), readiness=readiness, ops_address=address)
+    )
+    try:
+        await asyncio.wait_for(readiness.wait(), 30)
+        yield Running(nc, clock, f"http://{address}", readiness)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await nc.close()
+
+
+async def _srv(nc: NatsClient, subject: str, expect: int, timeout: float = 1.0) -> list[dict[str, object]]:
+    """Every service's answer to a $SRV request (the protocol gathers replies on one inbox)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subject, b"", reply=inbox)
+    answers = []
+    with contextlib.suppress(TimeoutError):
+        while len(answers) < expect:
+            msg = await sub.next_msg(timeout=timeout)
+            answers.append(json.loads(msg.data))
+    await sub.unsubscribe()
+    return answers
+
+
+async def test_each_service_answers_the_nats_service_protocol(running: Running) -> None:
+    pings = await _srv(running.nc, "$SRV.PING", expect=len(SERVICES))
+    assert {p["name"] for p in pings} == SERVICE_NAMES
+    assert all(p["type"] == "io.nats.micro.v1.ping_response" for p in pings)
+
+    infos = {i["name"]: i for i in await _srv(running.nc, "$SRV.INFO", expect=len(SERVICES))}
+    subjects = {name: {e["subject"] for e in info["endpoints"]} for name, info in infos.items()}  # type: ignore[attr-defined]
+    assert "duban.submit.*.*" in subjects["duban-submissions"]
+    assert {TABLE_SUBJECT, PROJECTION_STATUS_SUBJECT} <= subjects["duban-ledger"]
+    assert ESCALATION_STATUS in subjects["duban-escalation"]
+    assert NOTIFIER_STATUS in subjects["duban-notifier"]
+
+    # A submission shows in the submissions service's stats for its submit endpoint.
+    body = {
+        "submission_id": "e2e-1",
+        "programme_id": load_default_programme().id,
+        "county_code": "410928",
+        "command": {"kind": "report_progress", "milestone_id": "1.1", "percent": 40},
+    }
+    reply = decode_reply(
+        (await running.nc.request(submit_subject(Role.COUNTY, "410928"), json.dumps(body).encode(), timeout=5)).data
+    )
+    assert isinstance(reply, Accepted)
+    (stats,) = await _srv(running.nc, "$SRV.STATS.duban-submissions", expect=1)
+    submit = next(e for e in stats["endpoints"] if e["name"] == "submit")  # type: ignore[attr-defined]
+    assert submit["num_requests"] >= 1 and submit["num_errors"] == 0
+
+
+async def test_ops_subjects_answer_readable_json(running: Running) -> None:
+    for subject in (SUBMISSIONS_STATUS_SUBJECT, PROJECTION_STATUS_SUBJECT, ESCALATION_STATUS, NOTIFIER_STATUS):
+        msg = await running.nc.request(subject, b"", timeout=5)
+        text = msg.data.decode()
+        assert text.startswith("{\n  "), (subject, text)  # indented for a terminal
+        assert "Nats-Service-Error-Code" not in (msg.headers or {}), (subject, msg.headers)
+        json.loads(text)
+    # A malformed request is a clear error with the service error headers, in the same readable form.
+    msg = await running.nc.request(ESCALATION_STATUS, b"{not json", timeout=5)
+    assert (msg.headers or {}).get("Nats-Service-Error-Code") == "400"
+    error = msgspec.json.decode(msg.data)
+    assert error["code"] == "bad_request" and error["message_zh"]
+
+
+async def test_readiness_and_metrics_over_http(running: Running) -> None:
+    async with httpx.AsyncClient(base_url=running.ops_url) as http:
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json() == {"ready": True, "services": dict.fromkeys(SERVICES, "ready")}
+        assert (await http.get("/livez")).status_code == 200
+        await running.nc.request(SUBMISSIONS_STATUS_SUBJECT, b"", timeout=5)
+        metrics = (await http.get("/metrics")).text
+    assert 'duban_ready{service="ledger"} 1.0' in metrics
+    assert 'duban_request_seconds_count{endpoint="status",service="duban-submissions"}' in metrics
+    assert "process_resident_memory_bytes" in metrics
