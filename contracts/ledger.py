@@ -17,6 +17,7 @@ HISTORY_SUBJECT = f"{QUERY_PREFIX}.history"
 OVERDUE_SUBJECT = f"{QUERY_PREFIX}.overdue"
 REPORT_SUBJECT = f"{QUERY_PREFIX}.report"
 LEDGER_SERVICE = "duban-ledger"
+XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"  # the report's answer
 
 
 class Status(enum.StrEnum):

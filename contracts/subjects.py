@@ -34,6 +34,12 @@ EVENT_TYPE_HEADER = "Duban-Event-Type"
 CORRELATION_HEADER = "Duban-Correlation-Id"
 
 
+def event_headers(event_id: str, event_type: str, correlation_id: str) -> dict[str, str]:
+    """The headers every stored event carries: its id (JetStream deduplicates on it), its type
+    and the submission (or action) it follows from, so `nats stream view` shows both."""
+    return {"Nats-Msg-Id": event_id, EVENT_TYPE_HEADER: event_type, CORRELATION_HEADER: correlation_id}
+
+
 def submit_subject(role: Role | str, county_code: str) -> str:
     return f"{SUBMIT_PREFIX}.{Role(role).value}.{county_code}"
 

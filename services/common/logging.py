@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -40,12 +40,15 @@ def redact_processor(_logger: Any, _method: str, event_dict: MutableMapping[str,
     return event_dict
 
 
-def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    json_lines = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+def configure_logging(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Logs go to standard error, or to ``stream`` (the demo keeps its terminal for its view)."""
+    redirected = stream is not None
+    stream = stream or sys.stderr
+    json_lines = log_format == "json" or (log_format == "auto" and not stream.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer(ensure_ascii=False)
         if json_lines
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         processors=[
@@ -58,11 +61,13 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (faststream, nats, asyncpg) go through the same rules.
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=level.upper(), stream=stream, format="%(name)s %(levelname)s %(message)s", force=redirected
+    )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_StdlibRedactFilter())
     # HTTP clients log every request line at INFO, and a signed provider URL carries key ids and

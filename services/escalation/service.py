@@ -35,7 +35,7 @@ from contracts.events import (
 from contracts.facts import ActionFacts, CountyFacts, apply, fold, new_facts
 from contracts.payloads import recorded_as
 from contracts.programme import Programme
-from contracts.subjects import EVENT_TYPE_HEADER, actions_subject
+from contracts.subjects import actions_subject, event_headers
 from services.common import metrics
 from services.common.clock import Clock
 from services.common.micro import EndpointFailure
@@ -150,7 +150,7 @@ class EscalationService:
                 subject,
                 encode_event(envelope),
                 timeout=self._timeout,
-                headers={"Nats-Msg-Id": f"{event_id}#{index}", EVENT_TYPE_HEADER: event_type},
+                headers=event_headers(f"{event_id}#{index}", event_type, envelope.correlation_id),
             )
             log.info("action recorded", action=event_key, type=event_type, county_code=county_code)
             level = getattr(payload, "level_id", None) or "-"

@@ -22,6 +22,7 @@ from contracts.ledger import (
     REBUILD_SUBJECT,
     REPORT_SUBJECT,
     TABLE_SUBJECT,
+    XLSX_CONTENT_TYPE,
     CountyDetail,
     CountyHistory,
     CountyQuery,
@@ -39,7 +40,6 @@ from services.ledger.queries import LedgerReader
 from services.ledger.status import LightSettings
 
 log = structlog.get_logger(__name__)
-XLSX_CONTENT_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
 
 def _error(code: str, zh: str, en: str, detail: str = "", status: str = "404") -> EndpointFailure:

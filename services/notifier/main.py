@@ -153,8 +153,9 @@ async def run(
     *,
     channels: dict[str, Channel] | None = None,
     directory: Directory | None = None,
+    settings: NotifierSettings | None = None,
 ) -> None:
-    """Channels and directory come from the environment unless given (the demo gives its own)."""
+    """Channels, directory and settings come from the environment unless given (the demo's are its own)."""
     if runtime.database_url is None:
         raise RuntimeError("the notifier needs PostgreSQL: set DATABASE_URL or let duban start its own")
     pool = await create_pool(runtime.database_url)
@@ -165,7 +166,7 @@ async def run(
             await outbox.migrate(conn)
         js = nc.jetstream()
         await ensure_streams(js, runtime.settings.stream_replicas)
-        settings = settings_from_env(channels)
+        settings = settings or settings_from_env(channels)
         notifier = Notifier(
             pool, js, channels, directory or directory_from_env(runtime), settings, runtime.programmes, clock
         )

@@ -37,7 +37,7 @@ from contracts.events import (
 )
 from contracts.notifier import NotifierStatus
 from contracts.programme import Programme
-from contracts.subjects import EVENT_TYPE_HEADER, EVENTS_STREAM, notifications_subject
+from contracts.subjects import EVENTS_STREAM, event_headers, notifications_subject
 from services.common import metrics
 from services.common.clock import Clock
 from services.common.postgres import Connection
@@ -433,8 +433,9 @@ class Notifier:
         async with self._pool.acquire() as conn:
             pending = await outbox.pending_events(conn)
         for event_id, subject, data in pending:
-            event_type = decode_event(data).event_type
-            await self._js.publish(subject, data, headers={"Nats-Msg-Id": event_id, EVENT_TYPE_HEADER: event_type})
+            envelope = decode_event(data)
+            headers = event_headers(event_id, envelope.event_type, envelope.correlation_id)
+            await self._js.publish(subject, data, headers=headers)
         if pending:
             async with self._pool.acquire() as conn:
                 await outbox.forget_events(conn, [e for e, _, _ in pending])

@@ -24,9 +24,9 @@ from nats.js.errors import BadRequestError, NotFoundError
 from contracts.events import EventEnvelope, decode_event, encode_event
 from contracts.replies import RefusalRecord, Refused
 from contracts.subjects import (
-    EVENT_TYPE_HEADER,
     EVENTS_STREAM,
     aggregate_subject,
+    event_headers,
     refusal_subject,
 )
 from services.submissions.record import CountyRecord
@@ -89,9 +89,8 @@ class EventStore:
                     encode_event(events[0]),
                     timeout=self._timeout,
                     headers={
-                        "Nats-Msg-Id": events[0].event_id,
+                        **event_headers(events[0].event_id, events[0].event_type, events[0].correlation_id),
                         "Nats-Expected-Last-Subject-Sequence": expected,
-                        EVENT_TYPE_HEADER: events[0].event_type,
                     },
                 )
                 if ack.duplicate:
@@ -113,8 +112,7 @@ class EventStore:
             headers = {
                 "Nats-Batch-Id": batch_id,
                 "Nats-Batch-Sequence": str(number),
-                "Nats-Msg-Id": event.event_id,
-                EVENT_TYPE_HEADER: event.event_type,
+                **event_headers(event.event_id, event.event_type, event.correlation_id),
             }
             if number == 1:
                 headers["Nats-Expected-Last-Subject-Sequence"] = expected
