@@ -113,7 +113,8 @@ REPLIES_CHANNEL = "replies"
 # Who may publish, by NATS user (services/common/natsauth.py is the permission table).
 SUBMITTERS = (
     "county systems (user `county-<code>`, only `county.<its own code>`), "
-    "the `city` and `province` operators (only their role), `ops`"
+    "the `city` and `province` operators (only their role), `ops`, and the HTTP gateway "
+    "(`svc-gateway`, for the county or operator its bearer token names)"
 )
 QUERY_USERS = "the `city` and `province` operators, `ops`, the services"
 OPS_USERS = "the `city` operator, `ops`, the services"
@@ -646,8 +647,8 @@ county's milestones, **escalation** turns deadlines into accountability actions 
 
 * Messages are JSON (UTF-8) unless a message says otherwise; unknown fields are refused.
 * Request-reply subjects answer on the requester's NATS reply subject (each user has its own \
-inbox prefix, `_INBOX_<role>[_<county_code>]`); an error answer carries the NATS service error \
-headers `{ERROR_CODE_HEADER}` and `{ERROR_HEADER}`.
+inbox prefix, `_INBOX_<role>[_<county_code>]`, the gateway's `_INBOX_gateway`); an error answer carries \
+the NATS service error headers `{ERROR_CODE_HEADER}` and `{ERROR_HEADER}`.
 * Every service is a NATS micro service (`nats micro ls`); each user may publish only where \
 `deploy/nats/auth.conf` allows (one user per county).
 * Refused submissions are kept in the stream `{subjects.REFUSALS_STREAM}`.
@@ -859,7 +860,8 @@ class _Builder:
             "summary": "Answers to requests",
             "description": (
                 "The reply subject the requester gave (NATS request-reply): under its user's inbox prefix "
-                "`_INBOX_<role>[_<county_code>]`, so one county cannot read another's answers."
+                "`_INBOX_<role>[_<county_code>]` (the gateway's: `_INBOX_gateway`), so one county cannot read "
+                "another's answers."
             ),
             "messages": replies,
         }

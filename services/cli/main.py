@@ -28,13 +28,15 @@ from services.common.logging import configure_logging
 from services.common.opshttp import Readiness
 from services.common.runtime import client_runtime, infrastructure
 from services.common.settings import Settings
-from services.common.supervisor import SERVICES, ServiceRun, run_services, service_runners
+from services.common.supervisor import GATEWAY, SERVICES, ServiceRun, run_services, service_runners
+from services.gateway.cli import gateway_app
 
 app = typer.Typer(no_args_is_help=True, help="duban 督办: supervise a programme's milestones across counties.")
 deploy_app = typer.Typer(no_args_is_help=True, help="Files an operator deploys.")
 app.add_typer(deploy_app, name="deploy")
 ledger_app = typer.Typer(no_args_is_help=True, help="The ledger's read model.")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(gateway_app, name="gateway")
 T = TypeVar("T")
 console = Console()
 err = Console(stderr=True)
@@ -49,8 +51,12 @@ def _settings() -> Settings:
 @app.command()
 def up(
     services: Annotated[
-        str, typer.Option(help="Which services this process runs (comma-separated); several processes may share.")
-    ] = ",".join(SERVICES),
+        str | None,
+        typer.Option(
+            help="Which services this process runs, comma-separated (default: the four and, unless "
+            "DUBAN_HTTP_ADDR is empty, the HTTP gateway); several processes may share the work."
+        ),
+    ] = None,
 ) -> None:
     """Run duban: the configured NATS and PostgreSQL, or embedded ones, and the services.
 
@@ -59,7 +65,8 @@ def up(
     SIGTERM: no new requests are taken, those in flight are finished, consumers commit and stop.
     """
     settings = _settings()
-    names = tuple(n.strip() for n in services.split(",") if n.strip())
+    default = (*SERVICES, *([GATEWAY] if settings.http_address else []))
+    names = tuple(n.strip() for n in services.split(",") if n.strip()) if services else default
     try:
         runners = service_runners(names)
     except ValueError as exc:
@@ -84,6 +91,8 @@ async def _up(settings: Settings, runners: dict[str, ServiceRun]) -> None:
         await asyncio.wait([running, ready], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
             ops = f"; metrics and readiness on http://{settings.ops_address}" if settings.ops_address else ""
+            if GATEWAY in runners:
+                ops += f"; HTTP gateway on http://{settings.http_address}"
             err.print(
                 f"[bold green]duban is running[/] — NATS {runtime.nats_url}; services: {', '.join(runners)}; "
                 f"programmes: {', '.join(runtime.programmes)}{ops}. Ctrl-C stops it."
@@ -91,6 +100,57 @@ async def _up(settings: Settings, runners: dict[str, ServiceRun]) -> None:
         else:
             ready.cancel()
         await running
+
+
+@app.command()
+def demo(
+    speed: Annotated[
+        float, typer.Option(help="Simulated days per second (0: as fast as the services go).", min=0)
+    ] = 15.0,
+    until: Annotated[str | None, typer.Option(help="Stop after this day (YYYY-MM-DD).")] = None,
+    out: Annotated[Path, typer.Option(help="Where the 一览表, mailbox, SMS file and summary go.")] = Path("duban-demo"),
+    live: Annotated[bool | None, typer.Option(help="The live view (default: on a terminal).")] = None,
+) -> None:
+    """Watch duban supervise the notice's whole 2017–2018 programme, in simulated time.
+
+    Starts its own NATS, PostgreSQL and SMTP server (whatever is configured), the four
+    services, and plays the story of the five counties; leaves nothing running.
+    """
+    import datetime as dt
+
+    from services.demo.runner import DemoFailed, DemoOptions, new_view, prepare_out_dir, run_demo
+
+    try:
+        last = dt.date.fromisoformat(until) if until else None
+    except ValueError:
+        err.print(f"[red]--until takes a date like 2017-06-30, not {until!r}[/]")
+        raise typer.Exit(2) from None
+    prepare_out_dir(out)
+    settings = Settings.from_env()
+    options = DemoOptions(out_dir=out, speed=speed, until=last)
+    view = new_view(options)
+    show_live = console.is_terminal if live is None else live
+    with (out / "duban.log").open("w", encoding="utf-8") as log_file:
+        configure_logging("json", settings.log_level, stream=log_file)  # the terminal is the view's
+        try:
+            if show_live:
+                from rich.live import Live
+
+                with Live(console=console, get_renderable=view.render, refresh_per_second=6):
+                    summary = asyncio.run(run_demo(options, view))
+            else:
+                console.print(f"playing {view.start} … {view.end} (no terminal: no live view)")
+                summary = asyncio.run(run_demo(options, view))
+        except DemoFailed as exc:
+            err.print(f"[red]the demo stopped: {exc}[/] (details in {out / 'duban.log'})")
+            raise typer.Exit(1) from None
+    console.print(view.summary())
+    console.print(
+        f"[bold]{summary.days}[/] simulated days in {summary.seconds:g} s: {summary.submissions} submissions, "
+        f"{summary.operator_decisions} operator decisions, {summary.events} events.\n"
+        f"一览表: [bold]{summary.xlsx}[/]   e-mails: [bold]{summary.emails_received}[/] in {summary.mailbox} "
+        f"(Maildir)   SMS: [bold]{summary.sms_written}[/] in {summary.sms_file}   summary: {out / 'summary.json'}"
+    )
 
 
 @app.command()
@@ -434,18 +494,27 @@ def preflight() -> None:
 def schema(
     out: Annotated[Path, typer.Option(help="Directory to write to.")] = SCHEMA_DIR,
     check: Annotated[bool, typer.Option(help="Only check the files are current.")] = False,
+    asyncapi: Annotated[
+        Path | None, typer.Option(help="The AsyncAPI document's file (default: contracts/asyncapi.json).")
+    ] = None,
 ) -> None:
-    """Write JSON Schema for every message (or check the committed ones are current)."""
+    """Write JSON Schema for every message and the AsyncAPI document of every subject (or check
+    the committed ones are current)."""
+    from contracts.asyncapi import ASYNCAPI_PATH, render_asyncapi, write_asyncapi
+
+    asyncapi_path = asyncapi or ASYNCAPI_PATH
     if check:
         stale = [
             n for n, text in render_schemas().items() if not (out / n).exists() or (out / n).read_text("utf-8") != text
         ]
+        if not asyncapi_path.exists() or asyncapi_path.read_text("utf-8") != render_asyncapi():
+            stale.append(str(asyncapi_path))
         if stale:
             err.print(f"[red]stale schema files[/]: {', '.join(stale)} — run `duban schema`")
             raise typer.Exit(1)
-        console.print("schema files are current")
+        console.print("schema files and the AsyncAPI document are current")
         return
-    for path in write_schemas(out):
+    for path in [*write_schemas(out), write_asyncapi(asyncapi_path)]:
         console.print(f"wrote {path}")
 
 

@@ -1,10 +1,11 @@
 """NATS users and permissions, generated from the programmes; passwords from the environment.
 
 Every county system connects as its own user ``county-<code>`` and may publish only on its own
-submission subject; operators (``city``, ``province``), the operators' CLI (``ops``) and each
-service (``svc-<name>``) have their own users. The nats-server enforces it: a publish outside a
-user's allow list is dropped by the server, reported to that client as a ``Permissions
-Violation`` (nats-py: the connection's error callback), and the connection stays up.
+submission subject; operators (``city``, ``province``), the operators' CLI (``ops``), each
+service (``svc-<name>``) and the HTTP gateway (``svc-gateway``) have their own users. The
+nats-server enforces it: a publish outside a user's allow list is dropped by the server,
+reported to that client as a ``Permissions Violation`` (nats-py: the connection's error
+callback), and the connection stays up.
 
 The whole permission table is :func:`users_for` below, in one place.
 
@@ -39,10 +40,12 @@ from typing import Literal
 import structlog
 
 from contracts.commands import Role
+from contracts.ledger import COUNTY_SUBJECT, HISTORY_SUBJECT
 from contracts.programme import Programme
 from contracts.subjects import (
     EVENTS_ALL,
     REFUSALS_ALL,
+    SUBMISSIONS_OPS_PREFIX,
     SUBMIT_ALL,
     SUBMIT_PREFIX,
     inbox_prefix,
@@ -53,6 +56,8 @@ log = structlog.get_logger(__name__)
 
 __all__ = [
     "AUTH_CONF",
+    "GATEWAY_INBOX_PREFIX",
+    "GATEWAY_USER",
     "PASSWORD_ENV_PREFIX",
     "PASSWORD_PATTERN",
     "SERVER_CONF",
@@ -76,7 +81,7 @@ USER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 AUTH_CONF = "auth.conf"
 SERVER_CONF = "nats-server.conf"
 
-UserKind = Literal["county", "city", "province", "ops", "service"]
+UserKind = Literal["county", "city", "province", "ops", "service", "gateway"]
 
 
 class PasswordError(ValueError):
@@ -111,10 +116,15 @@ OPS_ALL = "duban.ops.>"
 JS_API = "$JS.API.>"
 JS_ACK = "$JS.ACK.>"
 SRV_ALL = "$SRV.>"
+SUBMISSIONS_OPS_ALL = f"{SUBMISSIONS_OPS_PREFIX}.>"
 INBOX_ALL = "_INBOX.>"
 EVERYTHING = ">"
 
 SERVICE_NAMES = ("submissions", "ledger", "escalation", "notifier")
+# The HTTP gateway forwards for every county and operator, so it gets its own inbox prefix (no
+# county or operator can read its replies, it can read no one else's) and no JetStream at all.
+GATEWAY_USER = "svc-gateway"
+GATEWAY_INBOX_PREFIX = "_INBOX_gateway"
 
 
 def _inbox(role: Role, county_code: str | None = None) -> str:
@@ -165,9 +175,17 @@ def _fixed_users() -> tuple[NatsUser, ...]:
             name="svc-submissions",
             role="service",
             publish=(JS_API, EVENTS_ALL, REFUSALS_ALL, SRV_ALL, INBOX_ALL),
-            subscribe=(SUBMIT_ALL, INBOX_ALL, SRV_ALL),
+            subscribe=(SUBMIT_ALL, SUBMISSIONS_OPS_ALL, INBOX_ALL, SRV_ALL),
             allow_responses=True,  # replies to the senders' own inboxes (_INBOX_county_<code>...)
             description="submissions service: decides submissions, appends events",
+        ),
+        NatsUser(
+            name=GATEWAY_USER,
+            role="gateway",
+            publish=(SUBMIT_ALL, COUNTY_SUBJECT, HISTORY_SUBJECT, SRV_ALL),
+            subscribe=(GATEWAY_INBOX_PREFIX + ".>",),
+            inbox_prefix=GATEWAY_INBOX_PREFIX,
+            description="HTTP gateway: forwards HTTP clients' submissions and county reads; no JetStream",
         ),
         *(
             NatsUser(

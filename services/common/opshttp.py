@@ -8,10 +8,8 @@ orchestrator routes nothing to an instance that is not ready.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,6 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from services.common import metrics
+from services.common.httpserver import HttpServer, bind, parse_address
 
 log = structlog.get_logger(__name__)
 
@@ -69,22 +68,13 @@ def ops_app(readiness: Readiness) -> Starlette:
     return Starlette(routes=[Route("/readyz", readyz), Route("/livez", livez), Route("/metrics", exposition)])
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"an address is host:port, not {address!r}")
-    return host, int(port)
-
-
 async def serve_ops(address: str, readiness: Readiness, stop: asyncio.Event) -> None:
     """Serve until ``stop``; a port already taken is logged and the process runs on without it."""
-    host, port = parse_address(address)
-    config = uvicorn.Config(ops_app(readiness), host=host, port=port, log_config=None, access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-    server.should_exit = True
-    with contextlib.suppress(Exception, SystemExit):
-        await task
-    if not server.started:
-        log.warning("ops HTTP port not served (taken?)", address=address)
+    try:
+        server = HttpServer(ops_app(readiness), bind(*parse_address(address), "the ops port"))
+        await server.start()
+    except OSError as exc:
+        log.warning("ops HTTP port not served", address=address, error=str(exc))
+        return
+    await stop.wait()
+    await server.stop()

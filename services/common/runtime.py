@@ -58,15 +58,22 @@ class Runtime:
     def password(self, user: str) -> str | None:
         return natsauth.load_password(user, self.settings.secrets_dir)
 
-    async def connect_as(self, user: str, *, role: Role | None = None, county_code: str | None = None) -> NatsClient:
-        """Connect as ``user``; without a password on record, connect without credentials."""
+    async def connect_as(
+        self, user: str, *, role: Role | None = None, county_code: str | None = None, inbox: str | None = None
+    ) -> NatsClient:
+        """Connect as ``user``; without a password on record, connect without credentials.
+
+        Replies come to the role's inbox prefix, or to ``inbox`` for a user with its own
+        (``svc-gateway``: ``_INBOX_gateway``)."""
         password = self.password(user)
+        if inbox is None and role is not None:
+            inbox = inbox_prefix(role, county_code)
         return await connect(
             self.nats_url,
             name=user,
             user=user if password is not None else None,
             password=password,
-            inbox_prefix=inbox_prefix(role, county_code) if role is not None else None,
+            inbox_prefix=inbox,
             reconnect_attempts=self.reconnect_attempts,
         )
 

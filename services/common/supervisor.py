@@ -20,11 +20,13 @@ from services.common.runtime import Runtime
 
 ServiceRun = Callable[[Runtime, Clock, asyncio.Event, asyncio.Event | None], Coroutine[Any, Any, None]]
 SERVICES = ("submissions", "ledger", "escalation", "notifier")
+GATEWAY = "gateway"  # the HTTP gateway for county systems that cannot speak NATS
 log = structlog.get_logger(__name__)
 
 
 def service_runners(names: tuple[str, ...] = SERVICES) -> dict[str, ServiceRun]:
     from services.escalation import main as escalation
+    from services.gateway import main as gateway
     from services.ledger import main as ledger
     from services.notifier import main as notifier
     from services.submissions import main as submissions
@@ -34,6 +36,7 @@ def service_runners(names: tuple[str, ...] = SERVICES) -> dict[str, ServiceRun]:
         "ledger": ledger.run,
         "escalation": escalation.run,
         "notifier": notifier.run,
+        GATEWAY: gateway.run,
     }
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -213,6 +213,63 @@ async def test_county_has_no_jetstream_access(connect: Callable[..., Awaitable[C
     assert county.nc.is_connected
 
 
+async def test_gateway_cannot_read_the_event_stream(connect: Callable[..., Awaitable[Client]]) -> None:
+    svc = await connect("svc-submissions")
+    js = svc.nc.jetstream(timeout=WAIT)
+    await js.add_stream(StreamConfig(name="PERM_GW", subjects=["duban.events.permgw.>"], storage=StorageType.FILE))
+    await js.publish("duban.events.permgw.410928", b"secret event")
+
+    gateway = await connect("svc-gateway")
+    with pytest.raises(nats.errors.TimeoutError):
+        await gateway.nc.request("$JS.API.STREAM.INFO.PERM_GW", b"", timeout=1.0)
+    err = await gateway.wait_error("permissions violation")
+    assert '"$js.api.stream.info.perm_gw"' in str(err).lower()
+    with pytest.raises(nats.errors.TimeoutError):
+        await gateway.nc.jetstream(timeout=1.0).get_last_msg("PERM_GW", "duban.events.permgw.410928")
+
+    # Nor by subscribing to the events, nor to the submissions or anyone else's replies.
+    for subject in ("duban.events.>", "duban.submit.county.410928", "_INBOX_county_410928.>"):
+        gateway.errors.clear()
+        seen = Inbox()
+        await gateway.nc.subscribe(subject, cb=seen.handler)
+        err = await gateway.wait_error("permissions violation")
+        assert f'subscription to "{subject.lower()}"' in str(err).lower()
+    await js.publish("duban.events.permgw.410928", b"another event")
+    await gateway.nc.flush(timeout=FLUSH_S)
+    await asyncio.sleep(0.2)
+    assert seen.empty()
+    assert gateway.nc.is_connected
+
+
+async def test_gateway_posts_for_any_county_and_gets_replies_in_its_own_inbox(
+    connect: Callable[..., Awaitable[Client]],
+) -> None:
+    svc = await connect("svc-submissions")
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b"accepted:" + msg.subject.encode())
+
+    await svc.nc.subscribe(SUBMIT_ALL, cb=answer)
+    await svc.nc.flush(timeout=FLUSH_S)
+    gateway = await connect("svc-gateway")
+    for subject in (submit_subject("county", "410928"), submit_subject("city", "410922")):
+        reply = await gateway.nc.request(subject, b"{}", timeout=WAIT)
+        assert reply.data == b"accepted:" + subject.encode()
+        assert reply.subject.startswith("_INBOX_gateway.")
+    assert gateway.errors == [] and svc.errors == []
+    # It may not answer in the services' place, nor reach the operators' commands.
+    await gateway.nc.publish("duban.ops.escalation.confirm", b"{}")
+    err = await gateway.wait_error("permissions violation")
+    assert '"duban.ops.escalation.confirm"' in str(err).lower()
+
+
+async def test_a_county_cannot_read_the_gateways_replies(connect: Callable[..., Awaitable[Client]]) -> None:
+    county = await connect("county-410928")
+    await county.nc.subscribe("_INBOX_gateway.>")
+    err = await county.wait_error("permissions violation")
+    assert "subscription" in str(err).lower()
+
+
 async def test_wrong_password_is_refused_at_connect(secured: Secured) -> None:
     # nats-py raises the server's -ERR as it comes during connect: Error("nats: 'Authorization Violation'")
     with pytest.raises(NatsError, match=r"(?i)authorization violation"):

@@ -67,6 +67,7 @@ def test_one_user_per_county_plus_operators_and_services(users: dict[str, NatsUs
         "svc-ledger",
         "svc-escalation",
         "svc-notifier",
+        "svc-gateway",
     }
 
 
@@ -99,6 +100,8 @@ def test_only_services_and_ops_touch_jetstream_and_events(users: dict[str, NatsU
         events = _may_subscribe(user, "duban.events.puyang-2017-13.410928")
         if user.role in ("service", "ops"):
             assert js, user.name
+        elif user.role == "gateway":
+            assert not js and not events, user.name
         else:
             assert not js, user.name
             assert not events, user.name
@@ -129,6 +132,28 @@ def test_services(users: dict[str, NatsUser]) -> None:
         assert svc.allow_responses and _may_publish(svc, "$JS.ACK.DUBAN_EVENTS.x.1.1.1.1.0")
         assert _may_subscribe(svc, "duban.events.puyang-2017-13.410928")
     assert users["ops"].publish == (">",) and users["ops"].subscribe == (">",)
+
+
+def test_gateway_forwards_submissions_and_county_reads_only(users: dict[str, NatsUser]) -> None:
+    gateway = users["svc-gateway"]
+    assert gateway.role == "gateway" and not gateway.allow_responses
+    assert gateway.inbox_prefix == "_INBOX_gateway" and gateway.subscribe == ("_INBOX_gateway.>",)
+    for role in ("county", "city", "province"):
+        assert _may_publish(gateway, f"duban.submit.{role}.410928")
+    assert not _may_publish(gateway, "duban.submit.county.410928.x")
+    assert _may_publish(gateway, "duban.query.ledger.county") and _may_publish(gateway, "duban.query.ledger.history")
+    assert _may_publish(gateway, "$SRV.PING.duban-submissions")
+    for subject in (
+        "duban.query.ledger.table",
+        "duban.ops.escalation.confirm",
+        "duban.events.puyang-2017-13.410928",
+        "duban.refusals.county.410928",
+        "$JS.API.STREAM.INFO.DUBAN_EVENTS",
+        "_INBOX.abc",
+    ):
+        assert not _may_publish(gateway, subject), subject
+    for subject in ("duban.submit.county.410928", "_INBOX_county_410928.x", "_INBOX_city.x", "_INBOX.x", "duban.>"):
+        assert not _may_subscribe(gateway, subject), subject
 
 
 def test_counties_across_programmes_are_merged(programme: Programme) -> None:
