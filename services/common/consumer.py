@@ -21,6 +21,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from services.common import metrics
+
 log = structlog.get_logger(__name__)
 
 Batch = Sequence[tuple[int, bytes]]
@@ -82,6 +84,7 @@ async def _follow_once(
     )
     log.info("consuming", consumer=name, from_sequence=start)
     lock = pause or asyncio.Lock()
+    applied, position = metrics.EVENTS_APPLIED.labels(consumer=name), metrics.CHECKPOINT.labels(consumer=name)
     try:
         while not stop.is_set():
             try:
@@ -108,6 +111,8 @@ async def _follow_once(
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
             await messages[-1].ack()
+            applied.inc(len(batch))
+            position.set(batch[-1][0])
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()

@@ -155,11 +155,12 @@ async def read_all(
                 messages = await sub.fetch(batch_size, timeout=2)
             except (NatsTimeoutError, TimeoutError):
                 return  # nothing more on this subject up to the stream's end
-            batch = [(m.metadata.sequence.stream, m.data) for m in messages]
+            # Messages appended since the call are left for the caller's live consumer.
+            batch = [(m.metadata.sequence.stream, m.data) for m in messages if m.metadata.sequence.stream <= last]
             if batch:
                 yield batch
-                if batch[-1][0] >= last or messages[-1].metadata.num_pending == 0:
-                    return
+            if not batch or batch[-1][0] >= last or messages[-1].metadata.num_pending == 0:
+                return
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()

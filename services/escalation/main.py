@@ -34,6 +34,7 @@ from contracts.escalation import (
 from contracts.events import decode_event
 from contracts.replies import StatusQuery
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM
+from services.common import metrics
 from services.common.clock import Clock
 from services.common.jetstream import ensure_streams
 from services.common.micro import MicroService, json_endpoint, start_micro
@@ -71,6 +72,7 @@ async def follow(
             except (NatsTimeoutError, TimeoutError):
                 continue
             touched: set[tuple[str, str]] = set()
+            metrics.EVENTS_APPLIED.labels(consumer="escalation").inc(len(messages))
             for msg in messages:
                 sequence = msg.metadata.sequence.stream
                 if sequence != last + 1:
@@ -83,6 +85,7 @@ async def follow(
                     continue
                 if key is not None:
                     touched.add(key)
+            metrics.CHECKPOINT.labels(consumer="escalation").set(last)
             if not caught_up.is_set():
                 if last >= backlog_end:
                     caught_up.set()

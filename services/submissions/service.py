@@ -67,7 +67,7 @@ class SubmissionsService:
                 subject=subject,
                 code=outcome.code,
                 field=outcome.field,
-                submission_id=outcome.submission_id,
+                correlation_id=outcome.submission_id,
             )
             if outcome.code is not ErrorCode.UNAVAILABLE:
                 await self._store.record_refusal(subject, role_token, county_token, body, outcome, self._clock.now())

@@ -4,18 +4,12 @@ read, and the ops HTTP port serves readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import json
-import socket
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import httpx
 import msgspec
-import nats
-import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 
 from contracts.commands import Role
@@ -25,52 +19,11 @@ from contracts.notifier import STATUS_SUBJECT as NOTIFIER_STATUS
 from contracts.programme import load_default_programme
 from contracts.replies import Accepted, decode_reply
 from contracts.subjects import SUBMISSIONS_STATUS_SUBJECT, submit_subject
-from services.common.clock import SimulatedClock
-from services.common.opshttp import Readiness
-from services.common.runtime import Runtime
-from services.common.settings import Settings
-from services.common.supervisor import SERVICES, run_services, service_runners
-from tests.harness import reset_streams
+from services.common.supervisor import SERVICES
+from tests.stack import Running
 
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
 SERVICE_NAMES = {f"duban-{name}" for name in SERVICES}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Running:
-    nc: NatsClient
-    clock: SimulatedClock
-    ops_url: str
-    readiness: Readiness
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def running(nats_url: str, fresh_database: str, tmp_path_factory: object) -> AsyncIterator[Running]:
-    nc = await nats.connect(nats_url)
-    await reset_streams(nc.jetstream())
-    clock = SimulatedClock(dt.datetime(2017, 3, 20, 10, 0, tzinfo=SHANGHAI))
-    programme = load_default_programme()
-    state = tmp_path_factory.mktemp("state")  # type: ignore[attr-defined]
-    runtime = Runtime(Settings(state_dir=state), {programme.id: programme}, nats_url, fresh_database)
-    address = f"127.0.0.1:{free_port()}"
-    readiness = Readiness(list(SERVICES))
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        run_services(runtime, clock, stop, service_runners(), readiness=readiness, ops_address=address)
-    )
-    try:
-        await asyncio.wait_for(readiness.wait(), 30)
-        yield Running(nc, clock, f"http://{address}", readiness)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await nc.close()
 
 
 async def _srv(nc: NatsClient, subject: str, expect: int, timeout: float = 1.0) -> list[dict[str, object]]:

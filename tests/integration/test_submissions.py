@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from contracts.commands import MAX_SUBMISSION_BYTES, Role
 from contracts.errors import ErrorCode
@@ -310,3 +311,18 @@ async def test_refusal_keeps_non_utf8_bodies(harness: Harness) -> None:
     assert isinstance(reply, Refused) and reply.code is ErrorCode.MALFORMED
     record = (await harness.refusals())[0]
     assert record.body_encoding == "base64"
+
+
+async def test_log_lines_carry_the_submissions_correlation_id(harness: Harness) -> None:
+    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        accepted = await harness.send(
+            {"kind": "report_progress", "milestone_id": "1.1", "percent": 10}, submission_id="corr-1"
+        )
+        refused = await harness.send(
+            {"kind": "report_progress", "milestone_id": "9.9", "percent": 10}, submission_id="corr-2"
+        )
+    assert isinstance(accepted, Accepted) and isinstance(refused, Refused)
+    by_event = {line["event"]: line for line in logs}
+    assert by_event["submission accepted"]["correlation_id"] == "corr-1"
+    assert by_event["submission accepted"]["county_code"] == "410928"
+    assert by_event["submission refused"]["correlation_id"] == "corr-2"
