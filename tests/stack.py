@@ -37,6 +37,8 @@ class Running:
     clock: SimulatedClock
     ops_url: str
     readiness: Readiness
+    stop: asyncio.Event  # set it to stop the services as SIGTERM does
+    services: asyncio.Task[None]
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -57,7 +59,7 @@ async def running(
     )
     try:
         await asyncio.wait_for(readiness.wait(), 30)
-        yield Running(nc, clock, f"http://{address}", readiness)
+        yield Running(nc, clock, f"http://{address}", readiness, stop, task)
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)

@@ -4,9 +4,11 @@ read, and the ops HTTP port serves readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
+from typing import Any
 
 import httpx
 import msgspec
@@ -14,11 +16,13 @@ from nats.aio.client import Client as NatsClient
 
 from contracts.commands import Role
 from contracts.escalation import STATUS_SUBJECT as ESCALATION_STATUS
+from contracts.events import decode_event
 from contracts.ledger import PROJECTION_STATUS_SUBJECT, TABLE_SUBJECT
 from contracts.notifier import STATUS_SUBJECT as NOTIFIER_STATUS
 from contracts.programme import load_default_programme
 from contracts.replies import Accepted, decode_reply
-from contracts.subjects import SUBMISSIONS_STATUS_SUBJECT, submit_subject
+from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, SUBMISSIONS_STATUS_SUBJECT, submit_subject
+from services.common.jetstream import read_all
 from services.common.supervisor import SERVICES
 from tests.stack import Running
 
@@ -60,7 +64,7 @@ async def test_each_service_answers_the_nats_service_protocol(running: Running) 
         "command": {"kind": "report_progress", "milestone_id": "1.1", "percent": 40},
     }
     reply = decode_reply(
-        (await running.nc.request(submit_subject(Role.COUNTY, "410928"), json.dumps(body).encode(), timeout=5)).data
+        (await running.nc.request(submit_subject(Role.COUNTY, "410928"), json.dumps(body).encode(), timeout=2)).data
     )
     assert isinstance(reply, Accepted)
     (stats,) = await _srv(running.nc, "$SRV.STATS.duban-submissions", expect=1)
@@ -93,3 +97,36 @@ async def test_readiness_and_metrics_over_http(running: Running) -> None:
     assert 'duban_ready{service="ledger"} 1.0' in metrics
     assert 'duban_request_seconds_count{endpoint="status",service="duban-submissions"}' in metrics
     assert "process_resident_memory_bytes" in metrics
+
+
+async def test_stopping_answers_what_is_in_flight_and_loses_nothing(running: Running) -> None:
+    programme_id = load_default_programme().id
+    counties = ["410928", "410922", "410923", "410926", "410927"]
+    sent: dict[str, asyncio.Task[Any]] = {}
+    for i in range(100):
+        county = counties[i % 5]
+        body = {
+            "submission_id": f"stop-{i}",
+            "programme_id": programme_id,
+            "county_code": county,
+            "command": {"kind": "report_progress", "milestone_id": "1.1", "percent": i % 100},
+        }
+        subject = submit_subject(Role.COUNTY, county)
+        sent[f"stop-{i}"] = asyncio.create_task(running.nc.request(subject, json.dumps(body).encode(), timeout=2))
+    await asyncio.sleep(0.01)
+    running.stop.set()  # as SIGTERM does, while submissions are being decided
+    outcomes = dict(zip(sent, await asyncio.gather(*sent.values(), return_exceptions=True), strict=True))
+    await asyncio.wait_for(running.services, 30)  # every service stops, none fails
+    accepted = {sid for sid, o in outcomes.items() if not isinstance(o, BaseException)}
+    assert accepted, "requests received before the stop are answered"
+    assert all(isinstance(decode_reply(outcomes[sid].data), Accepted) for sid in accepted)
+    stored = [
+        decode_event(data).submission_id
+        for batch in [b async for b in read_all(running.nc.jetstream(), EVENTS_STREAM, EVENTS_ALL)]
+        for _, data in batch
+    ]
+    stored_stop = [sid for sid in stored if sid.startswith("stop-")]
+    assert len(stored_stop) == len(set(stored_stop)), "none twice"
+    # What was taken in was decided, stored and answered; what was still queued was never taken
+    # (no reply: the county system resends it, with the same id, to the next instance).
+    assert set(stored_stop) == accepted
