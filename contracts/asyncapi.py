@@ -88,8 +88,10 @@ from contracts.notifier import NotifierStatus
 from contracts.payloads import recorded_as
 from contracts.replies import (
     Accepted,
+    ParkedList,
     RefusalRecord,
     Refused,
+    ReplayParkedReport,
     StatusQuery,
     StoredEvent,
     SubmissionsStatus,
@@ -372,6 +374,24 @@ CHANNELS: tuple[Channel, ...] = (
         OPS_USERS,
         "ledger",
     ),
+    Channel(
+        "ledgerParked",
+        ledger.PARKED_SUBJECT,
+        (StatusQuery,),
+        (ParkedList, QueryError),
+        "Events the ledger could not apply, parked after bounded retries",
+        OPS_USERS,
+        "ledger",
+    ),
+    Channel(
+        "ledgerReplayParked",
+        ledger.REPLAY_PARKED_SUBJECT,
+        (StatusQuery,),
+        (ReplayParkedReport, QueryError),
+        "Apply the parked events again, after a fix",
+        OPS_USERS,
+        "ledger",
+    ),
     # -- escalation's ops ----------------------------------------------------------------------
     Channel(
         "escalationActions",
@@ -427,6 +447,15 @@ CHANNELS: tuple[Channel, ...] = (
         OPS_USERS,
         "escalation",
     ),
+    Channel(
+        "escalationParked",
+        escalation.PARKED_SUBJECT,
+        (StatusQuery,),
+        (ParkedList, OpsError),
+        "Events escalation could not fold (tried again at its next start)",
+        OPS_USERS,
+        "escalation",
+    ),
     # -- the notifier's ops --------------------------------------------------------------------
     Channel(
         "notifierStatus",
@@ -434,6 +463,24 @@ CHANNELS: tuple[Channel, ...] = (
         (StatusQuery,),
         (NotifierStatus, OpsError),
         "The notifier's checkpoint, outbox and channels",
+        OPS_USERS,
+        "notifier",
+    ),
+    Channel(
+        "notifierParked",
+        notifier.PARKED_SUBJECT,
+        (StatusQuery,),
+        (ParkedList, OpsError),
+        "Actions the notifier could not plan, parked after bounded retries",
+        OPS_USERS,
+        "notifier",
+    ),
+    Channel(
+        "notifierReplayParked",
+        notifier.REPLAY_PARKED_SUBJECT,
+        (StatusQuery,),
+        (ReplayParkedReport, OpsError),
+        "Plan the parked actions again, after a fix",
         OPS_USERS,
         "notifier",
     ),

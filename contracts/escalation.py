@@ -17,6 +17,7 @@ WAIVE_SUBJECT = f"{OPS_PREFIX}.waive"
 WHY_SUBJECT = f"{OPS_PREFIX}.why"
 TICK_SUBJECT = f"{OPS_PREFIX}.tick"
 STATUS_SUBJECT = f"{OPS_PREFIX}.status"
+PARKED_SUBJECT = f"{OPS_PREFIX}.parked"  # events escalation could not fold (ParkedList); retried at each start
 ESCALATION_SERVICE = "duban-escalation"
 
 

@@ -197,6 +197,8 @@ class QueryError(Fields, frozen=True):
 OPS_PREFIX = "duban.ops.ledger"
 REBUILD_SUBJECT = f"{OPS_PREFIX}.rebuild"
 PROJECTION_STATUS_SUBJECT = f"{OPS_PREFIX}.status"
+PARKED_SUBJECT = f"{OPS_PREFIX}.parked"  # events the ledger could not apply (ParkedList)
+REPLAY_PARKED_SUBJECT = f"{OPS_PREFIX}.replay-parked"  # try them again after a fix (ReplayParkedReport)
 
 
 class RebuildReport(Fields, frozen=True):

@@ -11,9 +11,18 @@ from contracts.replies import StatusQuery
 NOTIFIER_SERVICE = "duban-notifier"
 OPS_PREFIX = "duban.ops.notifier"
 STATUS_SUBJECT = f"{OPS_PREFIX}.status"
+PARKED_SUBJECT = f"{OPS_PREFIX}.parked"  # actions the notifier could not plan (ParkedList)
+REPLAY_PARKED_SUBJECT = f"{OPS_PREFIX}.replay-parked"  # plan them again after a fix (ReplayParkedReport)
 
 
-__all__ = ["NOTIFIER_SERVICE", "STATUS_SUBJECT", "NotifierStatus", "StatusQuery"]
+__all__ = [
+    "NOTIFIER_SERVICE",
+    "PARKED_SUBJECT",
+    "REPLAY_PARKED_SUBJECT",
+    "STATUS_SUBJECT",
+    "NotifierStatus",
+    "StatusQuery",
+]
 
 
 class NotifierStatus(Fields, frozen=True):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import msgspec
 
 from contracts.errors import ERROR_TEXT, RETRYABLE, ErrorCode
+from contracts.events import decode_event
 from contracts.identifiers import Instant
 from contracts.payloads import Fields
 
@@ -91,3 +94,47 @@ class SubmissionsStatus(Fields, frozen=True):
     records_cached: int  # county records held in memory (each caught up from the stream)
     in_flight: int  # submissions being decided right now in this instance
     instance: str  # the micro service instance id that answered
+
+
+class ParkedEvent(Fields, frozen=True):
+    """A stored event a projection could not apply: kept aside, the checkpoint moved past it,
+    until an operator replays it after a fix (``duban parked``, ``duban replay-parked``)."""
+
+    projection: str  # ledger | notifier | escalation
+    stream_sequence: int
+    reason: str
+    parked_at: Instant
+    event_id: str | None = None  # None: the bytes do not even decode
+    event_type: str | None = None
+    county_code: str | None = None
+    size: int = 0
+
+
+class ParkedList(Fields, frozen=True):
+    items: tuple[ParkedEvent, ...]
+
+
+class ReplayParkedReport(Fields, frozen=True):
+    projection: str
+    replayed: tuple[int, ...]  # stream sequences now applied
+    still_parked: int
+
+
+def parked_event(projection: str, sequence: int, data: bytes, reason: str, parked_at: dt.datetime) -> ParkedEvent:
+    """What ops are shown of a parked event: its identity when its bytes still decode."""
+    try:
+        envelope = decode_event(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ParkedEvent(
+            projection=projection, stream_sequence=sequence, reason=reason, parked_at=parked_at, size=len(data)
+        )
+    return ParkedEvent(
+        projection=projection,
+        stream_sequence=sequence,
+        reason=reason,
+        parked_at=parked_at,
+        event_id=envelope.event_id,
+        event_type=envelope.event_type,
+        county_code=envelope.county_code,
+        size=len(data),
+    )

@@ -18,6 +18,9 @@ from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from rich.console import Console
 
+from contracts import escalation as escalation_contract
+from contracts import ledger as ledger_contract
+from contracts import notifier as notifier_contract
 from contracts.commands import Role
 from contracts.programme import ProgrammeFileError, load_programme
 from contracts.replies import Accepted, RefusalRecord, decode_reply
@@ -374,6 +377,54 @@ def ledger_status() -> None:
 
     answer = _query(PROJECTION_STATUS_SUBJECT, ProjectionStatus, {})
     console.print(f"checkpoint {answer.checkpoint} of {answer.stream_last_sequence} (lag {answer.lag})")
+
+
+# projection -> (its parked subject, its replay subject; None: it refolds everything at start)
+PARKED_SUBJECTS: dict[str, tuple[str, str | None]] = {
+    "ledger": (ledger_contract.PARKED_SUBJECT, ledger_contract.REPLAY_PARKED_SUBJECT),
+    "notifier": (notifier_contract.PARKED_SUBJECT, notifier_contract.REPLAY_PARKED_SUBJECT),
+    "escalation": (escalation_contract.PARKED_SUBJECT, None),
+}
+
+
+@app.command()
+def parked(json_out: JsonOut = False) -> None:
+    """Stored events a projection could not apply (parked after bounded retries), per projection."""
+    from contracts.replies import ParkedList
+
+    items = [
+        item for projection in PARKED_SUBJECTS for item in _query(PARKED_SUBJECTS[projection][0], ParkedList, {}).items
+    ]
+    if json_out:
+        console.print_json(msgspec.json.encode(items).decode())
+        return
+    if not items:
+        console.print("nothing parked")
+    for item in items:
+        what = f"{item.event_type} {item.event_id} ({item.county_code})" if item.event_id else f"{item.size} bytes"
+        console.print(f"[bold]{item.projection}[/] #{item.stream_sequence} {what}: [red]{item.reason}[/]")
+
+
+@app.command("replay-parked")
+def replay_parked(
+    projection: Annotated[str | None, typer.Option(help="ledger or notifier (default: both).")] = None,
+) -> None:
+    """Apply the parked events again (after the fix shipped); what still fails stays parked.
+
+    Escalation folds everything again at each start: restart it to retry its parked events.
+    """
+    from contracts.replies import ReplayParkedReport
+
+    names = [projection] if projection else ["ledger", "notifier"]
+    for name in names:
+        subject = PARKED_SUBJECTS[name][1] if name in PARKED_SUBJECTS else None
+        if subject is None:
+            err.print(f"[red]{name}[/]: only ledger and notifier replay parked events (escalation: restart it)")
+            raise typer.Exit(2)
+        report = _query(subject, ReplayParkedReport, {})
+        console.print(
+            f"{name}: replayed {len(report.replayed)} {list(report.replayed)}; still parked {report.still_parked}"
+        )
 
 
 @app.command()

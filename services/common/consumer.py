@@ -26,6 +26,8 @@ from services.common import metrics
 log = structlog.get_logger(__name__)
 
 Batch = Sequence[tuple[int, bytes]]
+Park = Callable[[int, bytes, str], Awaitable[None]]
+POISON_ATTEMPTS = 3  # tries of an event alone before it is parked
 
 
 async def follow(
@@ -40,12 +42,19 @@ async def follow(
     transient: tuple[type[BaseException], ...] = (Exception,),
     pause: asyncio.Lock | None = None,
     batch_size: int = 1000,
+    park: Park | None = None,
 ) -> None:
-    """Run ``name``'s projection until ``stop`` is set, restarting from the checkpoint on failure."""
+    """Run ``name``'s projection until ``stop`` is set, restarting from the checkpoint on failure.
+
+    A batch that fails with a ``transient`` error is kept and retried. One that fails otherwise
+    is taken apart: each event is applied alone, up to POISON_ATTEMPTS times, and an event that
+    still fails is handed to ``park`` (which records it for ops and moves the checkpoint past
+    it, in one transaction), so one poison event does not stop the projection.
+    """
     delay = 0.5
     while not stop.is_set():
         try:
-            await _follow_once(js, name, stream, subject, checkpoint, apply, stop, transient, pause, batch_size)
+            await _follow_once(js, name, stream, subject, checkpoint, apply, stop, transient, pause, batch_size, park)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -66,6 +75,7 @@ async def _follow_once(
     transient: tuple[type[BaseException], ...],
     pause: asyncio.Lock | None,
     batch_size: int,
+    park: Park | None,
 ) -> None:
     start = await checkpoint() + 1
     with contextlib.suppress(NotFoundError):
@@ -110,9 +120,40 @@ async def _follow_once(
                         return
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
+                except Exception as exc:
+                    if park is None:
+                        raise
+                    log.warning("batch failed; applying its events one by one", consumer=name, error=repr(exc))
+                    async with lock:
+                        await _isolate(name, batch, apply, park, transient)
+                    break
             await messages[-1].ack()
             applied.inc(len(batch))
             position.set(batch[-1][0])
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def _isolate(
+    name: str,
+    batch: Batch,
+    apply: Callable[[Batch], Awaitable[object]],
+    park: Park,
+    transient: tuple[type[BaseException], ...],
+) -> None:
+    """Apply each event alone; park the ones that keep failing (not for a transient error)."""
+    for sequence, data in batch:
+        for attempt in range(1, POISON_ATTEMPTS + 1):
+            try:
+                await apply([(sequence, data)])
+                break
+            except transient:
+                raise  # the database went away meanwhile: the caller starts over from the checkpoint
+            except Exception as exc:
+                if attempt < POISON_ATTEMPTS:
+                    await asyncio.sleep(0.1 * attempt)
+                    continue
+                log.error("event parked", consumer=name, stream_sequence=sequence, error=repr(exc), attempts=attempt)
+                metrics.PARKED.labels(consumer=name).inc()
+                await park(sequence, data, f"{type(exc).__name__}: {exc}")

@@ -22,6 +22,7 @@ SUBMISSIONS = Counter(
 EVENTS_APPLIED = Counter(
     "duban_events_applied_total", "Stored events applied by a consumer of the event stream.", ["consumer"]
 )
+PARKED = Counter("duban_events_parked_total", "Stored events a consumer could not apply and parked.", ["consumer"])
 CHECKPOINT = Gauge("duban_consumer_checkpoint", "Last stream sequence a consumer has committed.", ["consumer"])
 ACTIONS = Counter("duban_actions_total", "Escalation actions recorded, by level and state.", ["level", "state"])
 JUDGE_SECONDS = Histogram(

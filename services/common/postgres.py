@@ -19,6 +19,20 @@ else:
     Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 
+# Errors that pass when the server or the network comes back: a batch is retried, never parked.
+# Anything else (a value PostgreSQL refuses, a bug in a fold) is the event's fault: see
+# services/common/consumer.py.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
+)
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 5, attempts: int = 30) -> asyncpg.Pool:
     """A pool, waiting (bounded) for a server that is still starting or restarting."""
     delay = 0.2

@@ -8,7 +8,6 @@ import contextlib
 from importlib.metadata import version
 from typing import Any
 
-import msgspec
 import structlog
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -18,6 +17,7 @@ from contracts.escalation import (
     ACTIONS_SUBJECT,
     CONFIRM_SUBJECT,
     ESCALATION_SERVICE,
+    PARKED_SUBJECT,
     STATUS_SUBJECT,
     TICK_SUBJECT,
     WAIVE_SUBJECT,
@@ -32,7 +32,7 @@ from contracts.escalation import (
     WhyQuery,
 )
 from contracts.events import decode_event
-from contracts.replies import StatusQuery
+from contracts.replies import ParkedList, StatusQuery
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM
 from services.common import metrics
 from services.common.clock import Clock
@@ -80,8 +80,8 @@ async def follow(
                 last = sequence
                 try:
                     key = service.observe(sequence, decode_event(msg.data))
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    log.error("event skipped: cannot decode", stream_sequence=sequence, error=str(exc))
+                except Exception as exc:  # not judged on; kept for ops, tried again at the next start
+                    service.park(sequence, msg.data, f"{type(exc).__name__}: {exc}")
                     continue
                 if key is not None:
                     touched.add(key)
@@ -139,6 +139,9 @@ async def start_service(
             actions=service.action_counts(),
         )
 
+    async def parked(_: StatusQuery) -> ParkedList:
+        return ParkedList(items=tuple(service.parked))
+
     return await start_micro(
         nc,
         name=ESCALATION_SERVICE,
@@ -151,6 +154,7 @@ async def start_service(
             json_endpoint("why", WHY_SUBJECT, WhyQuery, why, OpsError),
             json_endpoint("tick", TICK_SUBJECT, ActionsQuery, tick, OpsError),
             json_endpoint("status", STATUS_SUBJECT, StatusQuery, status, OpsError),
+            json_endpoint("parked", PARKED_SUBJECT, StatusQuery, parked, OpsError),
         ],
     )
 

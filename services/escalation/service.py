@@ -35,6 +35,7 @@ from contracts.events import (
 from contracts.facts import ActionFacts, CountyFacts, apply, fold, new_facts
 from contracts.payloads import recorded_as
 from contracts.programme import Programme
+from contracts.replies import ParkedEvent, parked_event
 from contracts.subjects import actions_subject, event_headers
 from services.common import metrics
 from services.common.clock import Clock
@@ -65,6 +66,7 @@ class EscalationService:
         self._appended: set[str] = set()  # action ids appended and not yet seen back
         self._lock = asyncio.Lock()
         self.observed_sequence = 0  # the last stream sequence folded in
+        self.parked: list[ParkedEvent] = []  # events it could not fold (kept in memory: refolded at start)
 
     # -- following the stream ------------------------------------------------------------------
     def observe(self, sequence: int, envelope: EventEnvelope) -> Key | None:
@@ -77,13 +79,24 @@ class EscalationService:
         history = self._history.setdefault(key, [])
         history.append((sequence, envelope))
         facts = self._facts.get(key) or new_facts(judge.programme, envelope.county_code)
-        if not apply(judge.programme, facts, sequence, envelope):
-            facts = fold(judge.programme, envelope.county_code, history)
+        try:
+            if not apply(judge.programme, facts, sequence, envelope):
+                facts = fold(judge.programme, envelope.county_code, history)
+        except Exception:
+            history.pop()  # the county as if the event were not there (apply may have half-changed it)
+            self._facts[key] = fold(judge.programme, envelope.county_code, history)
+            raise
         self._facts[key] = facts
         action_id = getattr(envelope.payload, "action_id", None)
         if action_id is not None:
             self._appended.discard(action_id)
         return key
+
+    def park(self, sequence: int, data: bytes, reason: str) -> None:
+        self.observed_sequence = max(self.observed_sequence, sequence)
+        log.error("event parked", consumer="escalation", stream_sequence=sequence, error=reason)
+        metrics.PARKED.labels(consumer="escalation").inc()
+        self.parked.append(parked_event("escalation", sequence, data, reason, self._clock.now()))
 
     def facts(self, key: Key) -> CountyFacts | None:
         return self._facts.get(key)

@@ -1,10 +1,14 @@
 """The gateway's HTTP application (FastAPI): bearer tokens, per-token rate limits, a body size
-cap, and request-reply to the same NATS subjects a NATS client uses.
+cap, and request-reply to the same NATS subjects a NATS client uses, through a FastStream
+:class:`~faststream.nats.NatsBroker` (``broker.request``; the broker's connection is made and
+closed by :func:`services.gateway.main.run`).
 
-Submissions are forwarded as the raw body bytes (the submissions service decodes strictly
-itself) and the service's reply is answered unchanged; only the HTTP status is derived from it
-(:data:`REFUSAL_STATUS`). Errors raised by the gateway itself have the body of
-:class:`GatewayError` (``code``, ``message_zh``, ``message_en``, ``detail``, ``retryable``).
+Submissions are forwarded as the raw body bytes (FastStream sends ``bytes`` as they are; it adds
+only its ``content-type`` and ``correlation_id`` headers, which the services do not read; the
+submissions service decodes strictly itself) and the service's reply is answered unchanged; only
+the HTTP status is derived from it (:data:`REFUSAL_STATUS`). Errors raised by the gateway itself
+have the body of :class:`GatewayError` (``code``, ``message_zh``, ``message_en``, ``detail``,
+``retryable``).
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import structlog
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from faststream.exceptions import IncorrectState
+from faststream.nats import NatsBroker
+from faststream.nats.message import NatsMessage
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -133,17 +138,17 @@ def _json(value: object, status: int = 200, headers: dict[str, str] | None = Non
 
 
 class Gateway:
-    """What the routes share: the NATS connection, the token store, the rate limiter."""
+    """What the routes share: the FastStream NATS broker, the token store, the rate limiter."""
 
     def __init__(
         self,
-        nc: NatsClient | None,
+        broker: NatsBroker | None,
         tokens: TokenStore | None,
         *,
         rate: str = DEFAULT_RATE,
         timeout: float = REQUEST_TIMEOUT,
     ) -> None:
-        self.nc = nc
+        self.broker = broker
         self.tokens = tokens
         self.timeout = timeout
         try:
@@ -198,18 +203,31 @@ class Gateway:
             {"Retry-After": retry_after},
         )
 
-    async def request(self, subject: str, body: bytes, caller: TokenRecord) -> Msg:
-        """Request-reply on NATS; no answer (no service, timeout, no connection) is a 503."""
-        if self.nc is None or not self.nc.is_connected:
+    @property
+    def connected(self) -> bool:
+        """Whether the broker's NATS connection is up (not yet connected, reconnecting or stopped: no)."""
+        if self.broker is None:
+            return False
+        try:
+            return self.broker.connection.is_connected
+        except IncorrectState:  # FastStream's answer before connect() and after stop()
+            return False
+
+    async def request(self, subject: str, body: bytes, caller: TokenRecord) -> NatsMessage:
+        """Request-reply on NATS; no answer (no service, timeout, no connection) is a 503.
+
+        ``body`` is sent as it is (FastStream encodes only what is not ``bytes``); the answer's
+        ``body`` is the reply's bytes, its ``headers`` the reply's headers."""
+        if self.broker is None or not self.connected:
             raise _unavailable("the gateway is not connected to NATS")
         try:
-            return await self.nc.request(
-                subject, body, timeout=self.timeout, headers={GATEWAY_TOKEN_HEADER: caller.token_id}
+            return await self.broker.request(
+                body, subject, headers={GATEWAY_TOKEN_HEADER: caller.token_id}, timeout=self.timeout
             )
         except NoRespondersError:
             log.warning("no service answering on nats", subject=subject)
             raise _unavailable(f"no service is answering on {subject}") from None
-        except NatsError as exc:  # a timeout, or the connection went while waiting
+        except (NatsError, IncorrectState) as exc:  # a timeout, or the connection went while waiting
             log.warning("no answer on nats", subject=subject, error=type(exc).__name__)
             raise _unavailable(f"no answer on {subject} within {self.timeout:g} s") from None
 
@@ -386,7 +404,7 @@ CountyCodePath = Annotated[str, Path(description="GB/T 2260 county code, e.g. 41
 
 
 def create_app(gateway: Gateway | None = None) -> FastAPI:
-    """The gateway's application. Without a NATS connection every forward answers 503, without
+    """The gateway's application. Without a connected broker every forward answers 503, without
     a token store every token is refused; the OpenAPI document is the same either way
     (``render_openapi`` builds it from ``create_app()``)."""
     gateway = gateway or Gateway(None, None)
@@ -418,19 +436,19 @@ def create_app(gateway: Gateway | None = None) -> FastAPI:
             _check_county_code(county_code)
             body = await _read_capped(request)
             msg = await gateway.request(submit_subject(role, county_code), body, caller)
-            if msg.headers and msg.headers.get(SERVICE_ERROR_HEADER):
+            if msg.headers.get(SERVICE_ERROR_HEADER):
                 raise _unavailable(f"the submissions service failed: {msg.headers.get('Nats-Service-Error', '')}")
             try:
-                head = _head_decoder.decode(msg.data)
+                head = _head_decoder.decode(msg.body)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 raise _problem(502, "bad_gateway", "服务应答无法识别", "the service's answer is not a reply") from None
             request.state.submission_id = head.submission_id
             request.state.code = head.code
             if head.status == "accepted":
-                return Response(msg.data, status_code=200, media_type="application/json")
+                return Response(msg.body, status_code=200, media_type="application/json")
             status = _refusal_status(head.code)
             headers = {"Retry-After": RETRY_AFTER_UNAVAILABLE} if status == 503 else None
-            return Response(msg.data, status_code=status, media_type="application/json", headers=headers)
+            return Response(msg.body, status_code=status, media_type="application/json", headers=headers)
 
         return submit
 
@@ -471,11 +489,11 @@ def create_app(gateway: Gateway | None = None) -> FastAPI:
             query = {"county_code": county_code, "as_of": as_of, "programme_id": programme_id}
             body = msgspec.json.encode({k: v for k, v in query.items() if v is not None})
             msg = await gateway.request(subject, body, caller)
-            failed = msg.headers.get(SERVICE_ERROR_HEADER) if msg.headers else None
+            failed: str | None = msg.headers.get(SERVICE_ERROR_HEADER)
             if failed:
                 status = int(failed) if failed.isdigit() and 400 <= int(failed) < 500 else 503
-                return Response(msg.data, status_code=status, media_type="application/json")
-            return Response(msg.data, status_code=200, media_type="application/json")
+                return Response(msg.body, status_code=status, media_type="application/json")
+            return Response(msg.body, status_code=200, media_type="application/json")
 
         return query
 
@@ -510,7 +528,7 @@ def create_app(gateway: Gateway | None = None) -> FastAPI:
         },
     )
     async def readyz() -> Response:
-        connected = gateway.nc is not None and gateway.nc.is_connected
+        connected = gateway.connected
         return _json(
             {"ready": connected, "nats": "connected" if connected else "disconnected"}, 200 if connected else 503
         )

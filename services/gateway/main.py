@@ -1,4 +1,5 @@
-"""Run the HTTP gateway: connect to NATS as ``svc-gateway``, serve HTTP with uvicorn until stop.
+"""Run the HTTP gateway: connect a FastStream NATS broker as ``svc-gateway``, serve HTTP with
+uvicorn until stop.
 
 Configuration (environment): ``DUBAN_HTTP_ADDR`` (host:port, default 127.0.0.1:8321),
 ``DUBAN_GATEWAY_TOKENS`` (the token file, default ``<DUBAN_STATE_DIR>/gateway/tokens.json``),
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from faststream.exceptions import IncorrectState
+from faststream.nats import NatsBroker, NatsUserPassword
 
 from services.common.clock import Clock
 from services.common.httpserver import HttpServer, bind, parse_address
@@ -29,6 +32,8 @@ log = structlog.get_logger(__name__)
 DEFAULT_ADDRESS = "127.0.0.1:8321"
 RATE_ENV = "DUBAN_GATEWAY_RATE"
 TIMEOUT_ENV = "DUBAN_GATEWAY_TIMEOUT"
+CONNECT_TIMEOUT = 5  # seconds, as every service's connection (services.common.jetstream.connect)
+RECONNECT_TIME_WAIT = 0.5  # seconds between reconnect attempts, likewise
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,46 @@ class GatewayConfig:
             rate=env.get(RATE_ENV) or DEFAULT_RATE,
             timeout=float(env.get(TIMEOUT_ENV) or REQUEST_TIMEOUT),
         )
+
+
+def nats_broker(runtime: Runtime) -> NatsBroker:
+    """The gateway's FastStream broker (not connected yet): user ``svc-gateway`` with its password
+    on record (none on record: no credentials, as :meth:`Runtime.connect_as`), replies in its own
+    inbox ``_INBOX_gateway`` (the only one the server lets it read), reconnecting as the runtime
+    says (services: forever). FastStream's own logger is off; connection events are logged here,
+    through structlog like every other connection's."""
+    password = runtime.password(GATEWAY_USER)
+    security = NatsUserPassword(GATEWAY_USER, password) if password is not None else None
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", connection=GATEWAY_USER, error=str(exc))
+
+    async def on_disconnected() -> None:
+        try:
+            stopping = broker.connection.is_closed or broker.connection.is_draining
+        except IncorrectState:  # not connected yet
+            stopping = False
+        if not stopping:  # (our own stop is not a fault)
+            log.warning("nats disconnected", connection=GATEWAY_USER)
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected", connection=GATEWAY_USER)
+
+    broker = NatsBroker(
+        runtime.nats_url,
+        name=GATEWAY_USER,
+        security=security,
+        inbox_prefix=GATEWAY_INBOX_PREFIX,
+        connect_timeout=CONNECT_TIMEOUT,
+        max_reconnect_attempts=runtime.reconnect_attempts,
+        # nats-py (and FastStream after it) annotate int, but only sleep on it: half a second
+        reconnect_time_wait=RECONNECT_TIME_WAIT,  # type: ignore[arg-type]
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        logger=None,
+    )
+    return broker
 
 
 async def run(
@@ -69,13 +114,13 @@ async def run(
     port = port if port is not None else default_port
     config = config or GatewayConfig.from_env(runtime.settings.state_dir)
     # Before connecting: a bad rate or a taken port fails at once.
-    gateway = Gateway(None, TokenStore(config.tokens_file), rate=config.rate, timeout=config.timeout)
+    broker = nats_broker(runtime)
+    gateway = Gateway(broker, TokenStore(config.tokens_file), rate=config.rate, timeout=config.timeout)
     http: HttpServer | None = None
-    nc = None
     try:
         http = HttpServer(create_app(gateway), bind(host, port, "the gateway"))
         port = http.port
-        nc = gateway.nc = await runtime.connect_as(GATEWAY_USER, inbox=GATEWAY_INBOX_PREFIX)
+        await broker.connect()
         await http.start()
         log.info(
             "gateway serving",
@@ -91,7 +136,6 @@ async def run(
     finally:
         if http is not None:
             await http.stop()
-        if nc is not None:
-            with contextlib.suppress(Exception):
-                await nc.drain()
+        with contextlib.suppress(Exception):
+            await broker.stop()  # drains the connection, if it was made
         log.info("gateway stopped")

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import asyncpg
 import structlog
 from nats.js import JetStreamContext
 
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM
 from services.common.consumer import Batch, follow
 from services.common.jetstream import read_all
+from services.common.postgres import TRANSIENT_ERRORS
 from services.ledger.projection import GapError, LedgerProjection, StoredMessage
 
 log = structlog.get_logger(__name__)
@@ -49,9 +49,10 @@ async def supervise_live(
         checkpoint=projection.checkpoint,
         apply=apply,
         stop=stop,
-        transient=(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, GapError),
+        transient=(*TRANSIENT_ERRORS, GapError),
         pause=pause,
         batch_size=FETCH_BATCH,
+        park=projection.park,
     )
 
 

@@ -8,8 +8,16 @@ from importlib.metadata import version
 
 import structlog
 
-from contracts.ledger import PROJECTION_STATUS_SUBJECT, REBUILD_SUBJECT, ProjectionStatus, QueryError, RebuildReport
-from contracts.replies import StatusQuery
+from contracts.ledger import (
+    PARKED_SUBJECT,
+    PROJECTION_STATUS_SUBJECT,
+    REBUILD_SUBJECT,
+    REPLAY_PARKED_SUBJECT,
+    ProjectionStatus,
+    QueryError,
+    RebuildReport,
+)
+from contracts.replies import ParkedList, ReplayParkedReport, StatusQuery
 from contracts.subjects import EVENTS_STREAM
 from services.common.clock import Clock
 from services.common.jetstream import ensure_streams
@@ -61,12 +69,21 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
             last = int(info.state.last_seq)
             return ProjectionStatus(checkpoint=checkpoint, stream_last_sequence=last, lag=max(0, last - checkpoint))
 
+        async def parked(_: StatusQuery) -> ParkedList:
+            return ParkedList(items=tuple(await projection.parked()))
+
+        async def replay_parked(_: StatusQuery) -> ReplayParkedReport:
+            async with pause:
+                return await projection.replay_parked()
+
         service = await start_service(
             nc,
             queries,
             [
                 json_endpoint("rebuild", REBUILD_SUBJECT, StatusQuery, rebuild, QueryError),
                 json_endpoint("status", PROJECTION_STATUS_SUBJECT, StatusQuery, status, QueryError),
+                json_endpoint("parked", PARKED_SUBJECT, StatusQuery, parked, QueryError),
+                json_endpoint("replay-parked", REPLAY_PARKED_SUBJECT, StatusQuery, replay_parked, QueryError),
             ],
             version("duban"),
         )

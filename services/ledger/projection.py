@@ -26,6 +26,7 @@ import structlog
 from contracts.events import EventEnvelope, decode_event
 from contracts.facts import CountyFacts, apply, fold, new_facts
 from contracts.programme import Programme
+from contracts.replies import ParkedEvent, ReplayParkedReport, parked_event
 from services.common.postgres import Connection
 
 log = structlog.get_logger(__name__)
@@ -159,6 +160,69 @@ class LedgerProjection:
             )
             return last
 
+    async def park(self, sequence: int, data: bytes, reason: str) -> None:
+        """Record an event that cannot be applied and move the checkpoint past it (the consumer
+        calls this after the event failed alone, several times)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT last_sequence FROM ledger.checkpoint WHERE projection = $1 FOR UPDATE", PROJECTION
+            )
+            checkpoint = int(row["last_sequence"]) if row else 0
+            if sequence <= checkpoint:
+                return
+            if sequence != checkpoint + 1:
+                raise GapError(checkpoint, sequence)
+            await _insert_parked(conn, sequence, data, reason)
+            await conn.execute(
+                "INSERT INTO ledger.checkpoint (projection, last_sequence, updated_at) VALUES ($1, $2, now())"
+                " ON CONFLICT (projection) DO UPDATE SET last_sequence = $2, updated_at = now()",
+                PROJECTION,
+                sequence,
+            )
+
+    async def parked(self) -> list[ParkedEvent]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM ledger.parked ORDER BY stream_sequence")
+        return [
+            parked_event(PROJECTION, r["stream_sequence"], bytes(r["data"]), r["reason"], r["parked_at"]) for r in rows
+        ]
+
+    async def replay_parked(self) -> ReplayParkedReport:
+        """Try the parked events again (after a fix): each goes into its county's log and the
+        county is folded again from the whole log, so order is as if it had never been parked."""
+        replayed: list[int] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT stream_sequence, data FROM ledger.parked ORDER BY stream_sequence FOR UPDATE"
+            )
+            for row in rows:
+                sequence, data = row["stream_sequence"], bytes(row["data"])
+                try:
+                    async with conn.transaction():  # a savepoint: one failure leaves the others
+                        envelope = decode_event(data)
+                        programme = self._programmes.get(envelope.programme_id)
+                        if programme is None:
+                            raise LookupError(f"programme {envelope.programme_id!r} is not configured")
+                        await conn.executemany(
+                            f"INSERT INTO ledger.event_log ({', '.join(_LOG_COLUMNS)})"
+                            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                            [_log_record(sequence, envelope, data)],
+                        )
+                        log_ = await aggregate_log(conn, envelope.programme_id, envelope.county_code)
+                        await write_states(conn, [fold(programme, envelope.county_code, log_)])
+                        await conn.execute("DELETE FROM ledger.parked WHERE stream_sequence = $1", sequence)
+                    replayed.append(sequence)
+                except Exception as exc:
+                    log.warning("parked event still fails", stream_sequence=sequence, error=repr(exc))
+                    await conn.execute(
+                        "UPDATE ledger.parked SET reason = $2 WHERE stream_sequence = $1",
+                        sequence,
+                        f"{type(exc).__name__}: {exc}",
+                    )
+            remaining = int(await conn.fetchval("SELECT count(*) FROM ledger.parked") or 0)
+        log.info("parked events replayed", replayed=len(replayed), still_parked=remaining)
+        return ReplayParkedReport(projection=PROJECTION, replayed=tuple(replayed), still_parked=remaining)
+
     async def _decode_or_park(
         self, conn: Connection, messages: Sequence[StoredMessage]
     ) -> list[tuple[int, EventEnvelope, bytes]]:
@@ -168,13 +232,7 @@ class LedgerProjection:
                 events.append((message.sequence, decode_event(message.data), message.data))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.error("event parked: cannot decode", stream_sequence=message.sequence, error=str(exc))
-                await conn.execute(
-                    "INSERT INTO ledger.parked (stream_sequence, reason, data) VALUES ($1, $2, $3)"
-                    " ON CONFLICT DO NOTHING",
-                    message.sequence,
-                    str(exc),
-                    message.data,
-                )
+                await _insert_parked(conn, message.sequence, message.data, f"{type(exc).__name__}: {exc}")
         return events
 
     async def _insert_log(self, conn: Connection, events: Sequence[tuple[int, EventEnvelope, bytes]]) -> None:
@@ -240,17 +298,26 @@ class LedgerProjection:
                         raise GapError(last, message.sequence)
                     last = message.sequence
                 events = await self._decode_or_park(conn, batch)
-                await self._insert_log(conn, events)
-                for seq, envelope, _ in events:
+                applied = []
+                for seq, envelope, data in events:
                     programme = self._programmes.get(envelope.programme_id)
                     if programme is None:
+                        applied.append((seq, envelope, data))
                         continue
                     key = (envelope.programme_id, envelope.county_code)
                     ledger = states.get(key)
                     if ledger is None:
                         ledger = states[key] = new_facts(programme, envelope.county_code)
-                    if not apply(programme, ledger, seq, envelope):
+                    try:
+                        if not apply(programme, ledger, seq, envelope):
+                            refold.add(key)
+                    except Exception as exc:  # as the live consumer would: parked, the county refolded without it
+                        log.error("event parked", stream_sequence=seq, error=repr(exc))
+                        await _insert_parked(conn, seq, data, f"{type(exc).__name__}: {exc}")
                         refold.add(key)
+                        continue
+                    applied.append((seq, envelope, data))
+                await self._insert_log(conn, applied)
                 count += len(batch)
             if expected_last is not None and last < expected_last:
                 raise GapError(last, expected_last + 1)  # the stream's end (when asked) was not reached
@@ -266,6 +333,16 @@ class LedgerProjection:
             )
         seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
         return RebuildResult(events=count, last_sequence=last, seconds=seconds)
+
+
+async def _insert_parked(conn: Connection, sequence: int, data: bytes, reason: str) -> None:
+    await conn.execute(
+        "INSERT INTO ledger.parked (stream_sequence, reason, data) VALUES ($1, $2, $3)"
+        " ON CONFLICT (stream_sequence) DO UPDATE SET reason = EXCLUDED.reason",
+        sequence,
+        reason,
+        data,
+    )
 
 
 class GapError(RuntimeError):

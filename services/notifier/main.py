@@ -27,13 +27,14 @@ from nats.js import JetStreamContext
 
 from contracts.directory import Directory, example_directory_path, load_directory
 from contracts.escalation import OpsError
-from contracts.notifier import NOTIFIER_SERVICE, STATUS_SUBJECT, StatusQuery
+from contracts.notifier import NOTIFIER_SERVICE, PARKED_SUBJECT, REPLAY_PARKED_SUBJECT, STATUS_SUBJECT, StatusQuery
+from contracts.replies import ParkedList
 from contracts.subjects import ACTIONS_ALL, EVENTS_STREAM
 from services.common.clock import Clock
 from services.common.consumer import follow
 from services.common.jetstream import ensure_streams
 from services.common.micro import json_endpoint, start_micro
-from services.common.postgres import create_pool
+from services.common.postgres import TRANSIENT_ERRORS, create_pool
 from services.common.runtime import Runtime
 from services.notifier import outbox
 from services.notifier.channels.base import Channel, Secret
@@ -111,7 +112,13 @@ async def consume(js: JetStreamContext, notifier: Notifier, stop: asyncio.Event)
         apply=notifier.apply_batch,
         stop=stop,
         batch_size=500,
+        transient=TRANSIENT_ERRORS,
+        park=notifier.park,
     )
+
+
+async def _parked(notifier: Notifier) -> ParkedList:
+    return ParkedList(items=tuple(await notifier.parked()))
 
 
 async def send_forever(
@@ -176,7 +183,13 @@ async def run(
             name=NOTIFIER_SERVICE,
             version=version("duban"),
             description="duban notifier: SMS and e-mail to the responsible people, once in effect",
-            endpoints=[json_endpoint("status", STATUS_SUBJECT, StatusQuery, lambda _: notifier.status(), OpsError)],
+            endpoints=[
+                json_endpoint("status", STATUS_SUBJECT, StatusQuery, lambda _: notifier.status(), OpsError),
+                json_endpoint("parked", PARKED_SUBJECT, StatusQuery, lambda _: _parked(notifier), OpsError),
+                json_endpoint(
+                    "replay-parked", REPLAY_PARKED_SUBJECT, StatusQuery, lambda _: notifier.replay_parked(), OpsError
+                ),
+            ],
         )
         log.info("notifier serving", channels=list(settings.channels))
         if ready is not None:

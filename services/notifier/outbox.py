@@ -16,6 +16,7 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import asyncpg
 import msgspec
 
 from services.common.postgres import Connection
@@ -67,6 +68,12 @@ MIGRATIONS: list[tuple[int, str]] = [
         " WHERE channel = 'sms' AND state = 'sent'",
     ),
     (3, "ALTER TABLE notifier.outbox ADD COLUMN receipt text"),  # delivered | failed, once reported
+    (
+        4,
+        # Actions the notifier could not plan, kept for ops (duban parked / replay-parked).
+        "CREATE TABLE notifier.parked (stream_sequence bigint PRIMARY KEY, reason text NOT NULL,"
+        " data bytea NOT NULL, parked_at timestamptz NOT NULL DEFAULT now())",
+    ),
 ]
 
 
@@ -243,3 +250,30 @@ async def due_count(conn: Connection, now: dt.datetime) -> int:
         "SELECT count(*) FROM notifier.outbox WHERE state = 'pending' AND next_attempt_at <= $1", now
     )
     return int(value or 0)
+
+
+async def park(conn: Connection, sequence: int, data: bytes, reason: str) -> None:
+    await conn.execute(
+        "INSERT INTO notifier.parked (stream_sequence, reason, data) VALUES ($1, $2, $3)"
+        " ON CONFLICT (stream_sequence) DO UPDATE SET reason = EXCLUDED.reason",
+        sequence,
+        reason,
+        data,
+    )
+
+
+async def parked(conn: Connection, *, lock: bool = False) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT stream_sequence, reason, data, parked_at FROM notifier.parked ORDER BY stream_sequence"
+            + (" FOR UPDATE" if lock else "")
+        )
+    )
+
+
+async def unpark(conn: Connection, sequence: int, reason: str | None) -> None:
+    """Forget a replayed event (``reason`` None), or note why it still fails."""
+    if reason is None:
+        await conn.execute("DELETE FROM notifier.parked WHERE stream_sequence = $1", sequence)
+    else:
+        await conn.execute("UPDATE notifier.parked SET reason = $2 WHERE stream_sequence = $1", sequence, reason)

@@ -37,6 +37,7 @@ from contracts.events import (
 )
 from contracts.notifier import NotifierStatus
 from contracts.programme import Programme
+from contracts.replies import ParkedEvent, ReplayParkedReport, parked_event
 from contracts.subjects import EVENTS_STREAM, event_headers, notifications_subject
 from services.common import metrics
 from services.common.clock import Clock
@@ -68,6 +69,7 @@ from services.notifier.delivery import (
 from services.notifier.planning import plan
 
 log = structlog.get_logger(__name__)
+PROJECTION = "notifier"
 
 
 class Notifier:
@@ -120,33 +122,66 @@ class Notifier:
                 if sequence <= checkpoint:
                     continue  # a redelivery changes nothing
                 last = max(last, sequence)
-                envelope = decode_event(data)
-                if not isinstance(envelope.payload, ActionIssued):
-                    continue
-                programme = self._programmes.get(envelope.programme_id)
-                county = programme.county(envelope.county_code) if programme else None
-                if programme is None or county is None:
-                    continue
-                messages = plan(
-                    envelope.payload, programme.id, county.code, county.name, self._directory, self._settings
-                )
-                for message in await outbox.enqueue(
-                    conn, messages, envelope.payload.action_id, programme.id, county.code, now
-                ):
-                    await self._record(
-                        conn,
-                        NotificationQueued,
-                        message,
-                        envelope.payload.action_id,
-                        programme.id,
-                        county.code,
-                        attempt=0,
-                        now=now,
-                    )
+                await self._plan(conn, data, now)
             if last > checkpoint:
                 await outbox.set_checkpoint(conn, last)
         self.work_arrived.set()
         return last
+
+    async def _plan(self, conn: Connection, data: bytes, now: dt.datetime) -> None:
+        """An issued action's messages into the outbox (idempotent: message ids are deterministic)."""
+        envelope = decode_event(data)
+        if not isinstance(envelope.payload, ActionIssued):
+            return
+        programme = self._programmes.get(envelope.programme_id)
+        county = programme.county(envelope.county_code) if programme else None
+        if programme is None or county is None:
+            return
+        messages = plan(envelope.payload, programme.id, county.code, county.name, self._directory, self._settings)
+        for message in await outbox.enqueue(conn, messages, envelope.payload.action_id, programme.id, county.code, now):
+            await self._record(
+                conn,
+                NotificationQueued,
+                message,
+                envelope.payload.action_id,
+                programme.id,
+                county.code,
+                attempt=0,
+                now=now,
+            )
+
+    async def park(self, sequence: int, data: bytes, reason: str) -> None:
+        """Keep an action that cannot be planned for ops, and move the checkpoint past it."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if sequence <= await outbox.checkpoint(conn):
+                return
+            await outbox.park(conn, sequence, data, reason)
+            await outbox.set_checkpoint(conn, sequence)
+
+    async def parked(self) -> list[ParkedEvent]:
+        async with self._pool.acquire() as conn:
+            rows = await outbox.parked(conn)
+        return [
+            parked_event(PROJECTION, r["stream_sequence"], bytes(r["data"]), r["reason"], r["parked_at"]) for r in rows
+        ]
+
+    async def replay_parked(self) -> ReplayParkedReport:
+        """Plan the parked actions again (after a fix); each message is still sent at most once."""
+        replayed: list[int] = []
+        now = self._clock.now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await outbox.parked(conn, lock=True)
+            for row in rows:
+                try:
+                    async with conn.transaction():  # a savepoint: one failure leaves the others
+                        await self._plan(conn, bytes(row["data"]), now)
+                        await outbox.unpark(conn, row["stream_sequence"], None)
+                    replayed.append(row["stream_sequence"])
+                except Exception as exc:
+                    await outbox.unpark(conn, row["stream_sequence"], f"{type(exc).__name__}: {exc}")
+            remaining = len(rows) - len(replayed)
+        self.work_arrived.set()
+        return ReplayParkedReport(projection=PROJECTION, replayed=tuple(replayed), still_parked=remaining)
 
     # -- 2. sending -----------------------------------------------------------------------------
     async def work_once(self, limit: int = 50) -> int:

@@ -73,7 +73,16 @@ class EventStore:
         try:
             while record.last_sequence < last_seq:
                 msg = await sub.next_msg(timeout=self._timeout)
-                record.apply(decode_event(msg.data), msg.metadata.sequence.stream)
+                sequence = msg.metadata.sequence.stream
+                try:
+                    envelope = decode_event(msg.data)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    # Not a fact we wrote (only services may publish here): skip it, loudly; the
+                    # projections park it for ops to see.
+                    log.error("stored event skipped: cannot decode", stream_sequence=sequence, error=str(exc))
+                    record.last_sequence = sequence
+                    continue
+                record.apply(envelope, sequence)
         finally:
             await sub.unsubscribe()
         return record

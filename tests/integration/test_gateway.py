@@ -27,6 +27,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from contracts.commands import MAX_SUBMISSION_BYTES, Role
+from contracts.events import ProgressReported
 from contracts.replies import Accepted, Refused, decode_reply
 from contracts.subjects import EVENTS_STREAM, REFUSALS_STREAM
 from services.common.clock import SimulatedClock
@@ -106,6 +107,7 @@ class Stack:
     look: Harness  # reads the streams (as ops)
     runtime: Runtime
     forwarded: list[str]  # submission subjects published while the test ran
+    messages: list[Msg]  # ...and the messages themselves
     stoppers: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
 
     def issue(self, role: Role = Role.COUNTY, county: str | None = "410928") -> str:
@@ -176,9 +178,11 @@ async def stack(secured: Secured, gateway_rate: str, tmp_path: Path) -> AsyncIte
             await asyncio.sleep(0.05)
 
     forwarded: list[str] = []
+    messages: list[Msg] = []
 
     async def spy(msg: Msg) -> None:
         forwarded.append(msg.subject)
+        messages.append(msg)
 
     await ops.subscribe("duban.submit.>", cb=spy)
     await ops.flush()
@@ -205,6 +209,7 @@ async def stack(secured: Secured, gateway_rate: str, tmp_path: Path) -> AsyncIte
                 Harness(ops, js, clock, PROGRAMME),
                 runtime,
                 forwarded,
+                messages,
                 {"submissions": lambda: _stop(*submissions)},
             )
     finally:
@@ -241,6 +246,25 @@ async def test_accepted_is_stored_and_answered_as_the_service_replied(stack: Sta
     assert envelope.actor.county_code == "410928" and envelope.actor.user == "濮阳县数字城管"
     await stack.settled()
     assert stack.forwarded == ["duban.submit.county.410928"]
+
+
+async def test_the_body_is_forwarded_byte_for_byte_with_the_token_id(stack: Stack) -> None:
+    token = stack.issue()
+    # Not as json.dumps would write it: key order, spacing, escapes and a trailing newline stay.
+    body = (
+        '{ "county_code":"410928",\t"programme_id": "' + PROGRAMME.id + '", "submission_id": "gw-bytes",\n'
+        '  "command": {"kind": "report_progress", "milestone_id": "1.1", "percent": 60,'
+        ' "note": "\\u9879\\u76ee 项目部"} }\n'
+    ).encode()
+    response = await stack.post(token, body)
+    assert response.status_code == 200, response.text
+    await stack.settled()
+    [msg] = stack.messages
+    assert msg.data == body
+    assert msg.headers is not None and msg.headers["Duban-Gateway-Token-Id"] == token.split("_")[1]
+    assert msg.reply.startswith("_INBOX_gateway.")  # its own inbox: the only one it may read
+    [(_, stored)] = await stack.look.events("410928")
+    assert isinstance(stored.payload, ProgressReported) and stored.payload.note == "项目 项目部"
 
 
 async def test_a_resend_is_a_duplicate_and_stores_nothing_new(stack: Stack) -> None:
@@ -384,6 +408,18 @@ async def test_no_answer_is_503_with_the_error_shape(stack: Stack) -> None:
     body = response.json()
     assert body["code"] == "unavailable" and body["retryable"] is True
     assert body["message_zh"] and body["message_en"]
+
+
+async def test_no_answer_within_the_timeout_is_503(stack: Stack) -> None:
+    """A service that takes the request but never answers: 503 after the gateway's timeout (2 s here)."""
+    silent = await stack.look.nc.subscribe("duban.query.ledger.county")  # never answers
+    try:
+        response = await stack.get(stack.issue(Role.CITY), "/v1/counties/410928")
+    finally:
+        await silent.unsubscribe()
+    assert response.status_code == 503 and response.headers["retry-after"]
+    body = response.json()
+    assert body["code"] == "unavailable" and "within 2 s" in body["detail"]
 
 
 # -- reads -----------------------------------------------------------------------------------------
