@@ -22,6 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from services.common import metrics
+from services.common.jetstream import stream_sequence
 
 log = structlog.get_logger(__name__)
 
@@ -103,7 +104,7 @@ async def _follow_once(
                 continue
             if not messages:  # a status message (a pull request expiring) carries no events
                 continue
-            batch = [(m.metadata.sequence.stream, m.data) for m in messages]
+            batch = [(stream_sequence(m), m.data) for m in messages]
             delay = 0.2
             while True:
                 try:

@@ -8,6 +8,7 @@ services.common.embedded), because acknowledged writes otherwise sit unsynced.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,18 +16,16 @@ from typing import Any
 import nats
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.errors import TimeoutError as NatsTimeoutError
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, REFUSALS_ALL, REFUSALS_STREAM
 
@@ -93,7 +92,8 @@ async def connect(
     reconnect_attempts: int = -1,
 ) -> NatsClient:
     """A connection that reconnects by itself (``-1``: forever, for services) and reports
-    problems in the log. A command-line client passes a small number to fail fast."""
+    problems in the log. A command-line client passes a small number to fail fast. ``url`` may
+    name several servers of a cluster, comma-separated."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", connection=name, error=str(exc))
@@ -121,45 +121,57 @@ async def connect(
         options["user"], options["password"] = user, password
     if inbox_prefix is not None:
         options["inbox_prefix"] = inbox_prefix
-    nc = await nats.connect(url, **options)
+    # NATS_URL may list a cluster's servers, comma-separated (nats-py wants a list for that).
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    nc = await nats.connect(servers, **options)
     client.append(nc)
     return nc
 
 
+def stream_sequence(msg: Msg) -> int:
+    """The message's stream sequence from its ack subject, without building nats-py's metadata
+    objects (a third of the reading cost when a projection replays millions of events)."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
+        return int(tokens[5])
+    return int(msg.metadata.sequence.stream)  # the longer form, with domain and account
+
+
 async def read_all(
-    js: JetStreamContext, stream: str, subject: str, batch_size: int = 5000
+    js: JetStreamContext, stream: str, subject: str, batch_size: int = 5000, idle_timeout: float = 30.0
 ) -> AsyncIterator[list[tuple[int, bytes]]]:
     """Every message of ``subject`` stored in ``stream`` when called, in order, in batches of
     (stream sequence, data).
 
-    A pull consumer (ephemeral, no acks): the server sends a batch only when asked for one, so a
-    slow reader is never outrun — a push consumer would drop what exceeds its pending limit and
-    only say so to the error callback.
+    An ordered push consumer with a callback: the fastest way nats-py reads a stream (several
+    times a pull consumer's fetch). It is lossless: the callback waits while the bounded queue of
+    batches is full, and nats-py answers the server's flow control only once the messages before
+    it went through the callback, so a slow reader holds the server back instead of dropping
+    (the ordered consumer also restarts itself at the last sequence it saw on any gap).
     """
-    info = await js.stream_info(stream)
-    last = int(info.state.last_seq)
-    if info.state.messages == 0:
+    try:
+        last = int((await js.get_last_msg(stream, subject)).seq or 0)  # the subject's end, now
+    except NotFoundError:
         return
-    sub = await js.pull_subscribe(
-        subject,
-        stream=stream,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=60,
-        ),
-    )
+    batches: asyncio.Queue[list[tuple[int, bytes]]] = asyncio.Queue(maxsize=4)
+    batch: list[tuple[int, bytes]] = []
+
+    async def on_msg(msg: Msg) -> None:
+        nonlocal batch
+        sequence = stream_sequence(msg)
+        if sequence > last:
+            return  # appended since the call: left for the caller's live consumer
+        batch.append((sequence, msg.data))
+        if len(batch) >= batch_size or sequence == last:
+            full, batch = batch, []
+            await batches.put(full)
+
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=on_msg)
     try:
         while True:
-            try:
-                messages = await sub.fetch(batch_size, timeout=2)
-            except (NatsTimeoutError, TimeoutError):
-                return  # nothing more on this subject up to the stream's end
-            # Messages appended since the call are left for the caller's live consumer.
-            batch = [(m.metadata.sequence.stream, m.data) for m in messages if m.metadata.sequence.stream <= last]
-            if batch:
-                yield batch
-            if not batch or batch[-1][0] >= last or messages[-1].metadata.num_pending == 0:
+            full = await asyncio.wait_for(batches.get(), idle_timeout)
+            yield full
+            if full[-1][0] >= last:
                 return
     finally:
         with contextlib.suppress(Exception):

@@ -54,6 +54,7 @@ class Runtime:
     nats_url: str
     database_url: str | None
     reconnect_attempts: int = -1  # services: forever; the CLI: a few, then a clear error
+    embedded_pids: tuple[int, ...] = ()  # the embedded servers this process started (each leads its process group)
 
     def password(self, user: str) -> str | None:
         return natsauth.load_password(user, self.settings.secrets_dir)
@@ -89,6 +90,7 @@ async def infrastructure(settings: Settings, *, with_database: bool = True) -> A
     """The configured servers, or embedded ones started (and stopped) here."""
     programmes = load_programmes(settings)
     async with AsyncExitStack() as stack:
+        pids: list[int | None] = []
         nats_url = settings.nats_url
         if nats_url is None:
             users = natsauth.users_for(programmes.values())
@@ -101,11 +103,13 @@ async def infrastructure(settings: Settings, *, with_database: bool = True) -> A
             )
             await stack.enter_async_context(server)
             nats_url = server.url
+            pids.append(server.pid)
             log.info("embedded nats-server running", url=nats_url, store=str(server.store_dir))
         database_url = settings.database_url
         if database_url is None and with_database:
             postgres = EmbeddedPostgres(settings.state_dir / "postgres")
             await stack.enter_async_context(postgres)
             database_url = postgres.dsn
+            pids.append(postgres.pid)
             log.info("embedded postgresql running", port=postgres.port)
-        yield Runtime(settings, programmes, nats_url, database_url)
+        yield Runtime(settings, programmes, nats_url, database_url, embedded_pids=tuple(p for p in pids if p))

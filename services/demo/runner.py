@@ -122,6 +122,7 @@ class DemoSummary:
     mailbox: str
     sms_file: str
     counties: dict[str, CountyOutcome]
+    server_pids: tuple[int, ...]  # the embedded nats-server and PostgreSQL it ran (stopped at the end)
 
     def to_json(self) -> bytes:
         return msgspec.json.format(msgspec.json.encode(self), indent=2)
@@ -334,6 +335,7 @@ async def run_demo(options: DemoOptions, view: DemoView | None = None) -> DemoSu
                     mailbox=str(out / "mailbox"),
                     sms_file=str(out / "sms.jsonl"),
                     counties={code: CountyOutcome.of(tally) for code, tally in view.tallies().items()},
+                    server_pids=runtime.embedded_pids,
                 )
     (out / "summary.json").write_bytes(summary.to_json())
     return summary

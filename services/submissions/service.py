@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import random
 from collections import defaultdict
 
 import msgspec
@@ -29,7 +30,7 @@ from services.submissions.store import AppendConflict, AppendUncertain, EventSto
 
 log = structlog.get_logger(__name__)
 
-MAX_ATTEMPTS = 8
+MAX_ATTEMPTS = 16
 
 
 class SubmissionsService:
@@ -125,7 +126,10 @@ class SubmissionsService:
                 try:
                     sequences = await self._store.append(record, envelopes)
                 except (AppendConflict, AppendUncertain) as exc:
+                    # Another instance appended for this county first: catch up and decide again,
+                    # after a short random pause so that two instances do not keep colliding.
                     log.info("append retried", attempt=attempt, reason=str(exc))
+                    await asyncio.sleep(random.uniform(0, 0.002 * attempt))
                     record = await self._store.catch_up(record)
                     continue
                 for envelope, sequence in zip(envelopes, sequences, strict=True):

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import msgspec
 import openpyxl
 import pytest
 import structlog
@@ -346,3 +347,23 @@ async def test_a_rebuild_refuses_a_stream_with_holes(harness: Harness, ledger: L
     with pytest.raises(GapError):  # stopped before the stream's end
         await ledger.projection.rebuild(short(), expected_last=last)
     assert await ledger.snapshot() == before  # nothing committed
+
+
+async def test_the_log_keeps_each_event_exactly_as_stored(harness: Harness, ledger: Ledger) -> None:
+    # COPY's text format escapes backslashes, tabs and newlines: a note full of them comes back intact.
+    note = 'C:\\路径\\文件\t制表\n换行 "引号" \\u4e2d'
+    reply = await harness.send({"kind": "report_progress", "milestone_id": "2.1", "percent": 5, "note": note})
+    assert isinstance(reply, Accepted)
+    await ledger.caught_up(harness)
+    stored = dict((seq, data) for seq, data in [(s, e) for s, e in await harness.events("410928")])
+    for rebuilt in (False, True):
+        if rebuilt:
+            await ledger.projection.rebuild(read_stream(harness.js))
+        async with ledger.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT stream_sequence, envelope::text AS e FROM ledger.event_log")
+        logged = {r["stream_sequence"]: json.loads(r["e"]) for r in rows}
+        assert set(logged) == set(stored)
+        for seq, envelope in stored.items():
+            assert logged[seq]["event_id"] == envelope.event_id
+            assert logged[seq]["payload"] == json.loads(msgspec.json.encode(envelope.payload))
+        assert any(entry["payload"].get("note") == note for entry in logged.values())
