@@ -115,6 +115,7 @@ OPS_ALL = "duban.ops.>"
 # JetStream API, acks and flow control; the service protocol (nats micro); default reply inboxes.
 JS_API = "$JS.API.>"
 JS_ACK = "$JS.ACK.>"
+LEADER_LEASES = "$KV.duban_leaders.>"  # one active instance per consumer (services/common/leader.py)
 SRV_ALL = "$SRV.>"
 SUBMISSIONS_OPS_ALL = f"{SUBMISSIONS_OPS_PREFIX}.>"
 INBOX_ALL = "_INBOX.>"
@@ -146,7 +147,7 @@ def _county_user(code: str, description: str) -> NatsUser:
 
 def _fixed_users() -> tuple[NatsUser, ...]:
     """Operators, ops and services: the same on every installation."""
-    every_service_subject = ("duban.>", JS_API, JS_ACK, INBOX_ALL, SRV_ALL)
+    every_service_subject = ("duban.>", JS_API, JS_ACK, INBOX_ALL, SRV_ALL, LEADER_LEASES)
     return (
         NatsUser(
             name="ops",

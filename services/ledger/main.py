@@ -21,6 +21,7 @@ from contracts.replies import ParkedList, ReplayParkedReport, StatusQuery
 from contracts.subjects import EVENTS_STREAM
 from services.common.clock import Clock
 from services.common.jetstream import ensure_streams
+from services.common.leader import Leadership
 from services.common.micro import json_endpoint
 from services.common.postgres import create_pool
 from services.common.runtime import Runtime, load_policy_and_calendar
@@ -87,7 +88,9 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
             ],
             version("duban"),
         )
-        consumer = asyncio.create_task(supervise_live(js, projection, stop, pause))
+        # Every instance answers queries; one at a time follows the stream (the others stand by).
+        leadership = Leadership(js, "ledger", replicas=runtime.settings.stream_replicas)
+        consumer = asyncio.create_task(leadership.run(stop, lambda until: supervise_live(js, projection, until, pause)))
         log.info("ledger service serving")
         if ready is not None:
             ready.set()

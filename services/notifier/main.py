@@ -33,6 +33,7 @@ from contracts.subjects import ACTIONS_ALL, EVENTS_STREAM
 from services.common.clock import Clock
 from services.common.consumer import follow
 from services.common.jetstream import ensure_streams
+from services.common.leader import Leadership
 from services.common.micro import json_endpoint, start_micro
 from services.common.postgres import TRANSIENT_ERRORS, create_pool
 from services.common.runtime import Runtime
@@ -177,7 +178,13 @@ async def run(
         notifier = Notifier(
             pool, js, channels, directory or directory_from_env(runtime), settings, runtime.programmes, clock
         )
-        tasks = [asyncio.create_task(consume(js, notifier, stop)), asyncio.create_task(send_forever(notifier, stop))]
+
+        async def lead(until: asyncio.Event) -> None:
+            await asyncio.gather(consume(js, notifier, until), send_forever(notifier, until))
+
+        # One instance at a time plans and sends (the others stand by and answer ops).
+        leadership = Leadership(js, "notifier", replicas=runtime.settings.stream_replicas)
+        tasks = [asyncio.create_task(leadership.run(stop, lead))]
         micro = await start_micro(
             nc,
             name=NOTIFIER_SERVICE,
