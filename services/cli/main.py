@@ -83,7 +83,8 @@ async def _up(settings: Settings, runners: dict[str, ServiceRun]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with infrastructure(settings) as runtime:
+    # Only the ledger and the notifier keep state in PostgreSQL: start it only for them.
+    async with infrastructure(settings, with_database=bool({"ledger", "notifier"} & set(runners))) as runtime:
         readiness = Readiness(list(runners))
         running = asyncio.create_task(
             run_services(
@@ -583,15 +584,79 @@ def check_programme(file: Path) -> None:
     )
 
 
+def _port_list(value: str, option: str) -> list[int]:
+    try:
+        return [int(p) for p in value.split(",") if p.strip()]
+    except ValueError:
+        err.print(f"[red]--{option}: a port, or one port per node, comma-separated (got {value!r})[/]")
+        raise typer.Exit(2) from None
+
+
 @deploy_app.command("nats-config")
 def nats_config(
-    out: Annotated[Path, typer.Option(help="Directory for the generated files.")] = Path("deploy/nats"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory for the generated files (default: deploy/nats, with --cluster deploy/nats-cluster)."
+        ),
+    ] = None,
+    cluster: Annotated[
+        int,
+        typer.Option(
+            help="Nodes of a JetStream cluster (3 or more): one <node>.conf per node, auth.conf and "
+            "nats.env.example. 0: one server (nats-server.conf and auth.conf)."
+        ),
+    ] = 0,
+    name_prefix: Annotated[str, typer.Option(help="Cluster node names: <prefix>1, <prefix>2, ...")] = "nats-",
+    hosts: Annotated[
+        str | None,
+        typer.Option(help="Where the nodes are reached, one per node, comma-separated (default: their names)."),
+    ] = None,
+    client_port: Annotated[str, typer.Option(help="Client port: one for every node, or one per node.")] = "4222",
+    cluster_port: Annotated[str, typer.Option(help="Route port: one for every node, or one per node.")] = "6222",
+    monitor_port: Annotated[str, typer.Option(help="Monitoring port: one for every node, or one per node.")] = "8222",
+    cluster_name: Annotated[str, typer.Option(help="The cluster's name.")] = "duban",
+    listen_host: Annotated[str, typer.Option(help="Address the client and route ports listen on.")] = "0.0.0.0",
+    monitor_host: Annotated[str, typer.Option(help="Address the monitoring port listens on.")] = "127.0.0.1",
+    store_dir: Annotated[
+        str, typer.Option(help="JetStream directory of each node; {name} is replaced by the node's name.")
+    ] = "/var/lib/duban-nats",
+    passwords_file: Annotated[
+        str | None,
+        typer.Option(
+            help='auth.conf includes this file (next to it) of DUBAN_NATS_PASSWORD_<USER>: "..." lines, which '
+            "nats-server reads again on --signal reload (the environment it does not)."
+        ),
+    ] = None,
 ) -> None:
     """Generate the NATS server configuration (users and permissions) from the programmes."""
     from services.common import natsauth
     from services.common.runtime import load_programmes
 
-    for path in natsauth.write_deploy_files(out, load_programmes(_settings()).values()):
+    programmes = load_programmes(_settings()).values()
+    try:
+        if not cluster:
+            paths = natsauth.write_deploy_files(out or Path("deploy/nats"), programmes, passwords_file=passwords_file)
+        else:
+            layout = natsauth.cluster_layout(
+                cluster,
+                name_prefix=name_prefix,
+                hosts=[h.strip() for h in hosts.split(",") if h.strip()] if hosts else None,
+                client_port=_port_list(client_port, "client-port"),
+                cluster_port=_port_list(cluster_port, "cluster-port"),
+                monitor_port=_port_list(monitor_port, "monitor-port"),
+                cluster_name=cluster_name,
+                listen_host=listen_host,
+                monitor_host=monitor_host,
+                store_dir=store_dir,
+            )
+            paths = natsauth.write_cluster_files(
+                out or Path("deploy/nats-cluster"), programmes, layout, passwords_file=passwords_file
+            )
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    for path in paths:
         console.print(f"wrote {path}")
 
 
