@@ -9,6 +9,7 @@ on ``duban.submit.city.<county_code>`` or ``duban.submit.province.<county_code>`
 from __future__ import annotations
 
 import enum
+from typing import Annotated
 
 import msgspec
 
@@ -24,6 +25,8 @@ from contracts.payloads import (
     ReviewDecisionFields,
     ReviewRequestFields,
     TrialOperationFields,
+    UserName,
+    decode_json,
 )
 
 SUBMISSION_SCHEMA_VERSION = 1
@@ -102,8 +105,10 @@ class Submission(Fields, frozen=True):
     command: Command
     # When it happened at the sender; defaults to when we receive it. Never in the future.
     occurred_at: Instant | None = None
-    submitted_by: str | None = None  # the sender's own user or system name, for the record
-    schema_version: int = SUBMISSION_SCHEMA_VERSION
+    submitted_by: UserName | None = None  # the sender's own user or system name, for the record
+    # The only version there is: a submission in a format this code does not know is refused,
+    # not read as if it were this one.
+    schema_version: Annotated[int, msgspec.Meta(ge=1, le=SUBMISSION_SCHEMA_VERSION)] = SUBMISSION_SCHEMA_VERSION
 
 
 _submission_decoder = msgspec.json.Decoder(Submission)
@@ -111,8 +116,9 @@ _encoder = msgspec.json.Encoder()
 
 
 def decode_submission(data: bytes) -> Submission:
-    """Strict decode; raises ``msgspec.ValidationError``/``DecodeError`` naming the field."""
-    return _submission_decoder.decode(data)
+    """Strict decode; raises ``msgspec.ValidationError`` naming the field, or ``DecodeError``
+    (not JSON, not UTF-8), and nothing else, whatever the bytes."""
+    return decode_json(_submission_decoder, data)
 
 
 def encode(message: msgspec.Struct) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 
 from contracts.identifiers import CountyCode, ProgrammeId
-from contracts.payloads import Fields
+from contracts.payloads import Fields, Note, UserName
 
 OPS_PREFIX = "duban.ops.escalation"
 ACTIONS_SUBJECT = f"{OPS_PREFIX}.actions"
@@ -27,16 +27,18 @@ class ActionsQuery(Fields, frozen=True):
     state: str | None = None  # proposed | issued | waived
 
 
+# The operator's name, note and reason are stored in the action_confirmed / action_waived
+# events: bounded, and never a NUL (see contracts.payloads.NO_NUL).
 class ConfirmAction(Fields, frozen=True):
     action_id: str
-    operator: str
-    note: str = ""
+    operator: UserName
+    note: Note = ""
 
 
 class WaiveAction(Fields, frozen=True):
     action_id: str
-    operator: str
-    reason: str
+    operator: UserName
+    reason: Note
 
 
 class WhyQuery(Fields, frozen=True):

@@ -12,6 +12,7 @@ versions on read.
 from __future__ import annotations
 
 import datetime as dt
+import reprlib
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from contracts.payloads import (
     ReviewDecisionFields,
     ReviewRequestFields,
     TrialOperationFields,
+    decode_json,
 )
 
 
@@ -245,10 +247,16 @@ def encode_event(envelope: EventEnvelope) -> bytes:
     return _encoder.encode(envelope)
 
 
+_raw_decoder = msgspec.json.Decoder()
+
+
 def decode_event(data: bytes | memoryview) -> EventEnvelope:
-    """Decode a stored event, upcasting an older payload version to the current one."""
+    """Decode a stored event, upcasting an older payload version to the current one.
+
+    Raises ``msgspec.DecodeError`` or ``ValidationError`` for bytes that are not an event (the
+    callers park or skip those), nothing else."""
     try:
-        envelope = _envelope_decoder.decode(data)
+        envelope = decode_json(_envelope_decoder, data)
     except msgspec.ValidationError:
         return _decode_upcasting(data)
     if envelope.schema_version != EVENT_SCHEMA_VERSIONS[envelope.event_type]:
@@ -257,16 +265,21 @@ def decode_event(data: bytes | memoryview) -> EventEnvelope:
 
 
 def _decode_upcasting(data: bytes | memoryview) -> EventEnvelope:
-    raw: dict[str, Any] = msgspec.json.decode(data)
-    payload = raw.get("payload")
-    if not isinstance(payload, dict) or payload.get("type") not in EVENT_TYPES:
-        raise msgspec.ValidationError(f"unknown event type {raw.get('payload')!r}")
-    event_type = payload["type"]
-    version = int(raw.get("schema_version", 1))
+    raw: Any = decode_json(_raw_decoder, data)
+    if not isinstance(raw, dict):
+        raise msgspec.ValidationError(f"an event is a JSON object, not {type(raw).__name__}")
+    found = raw.get("payload")
+    payload: dict[str, Any] = found if isinstance(found, dict) else {}
+    event_type = payload.get("type")
+    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
+        raise msgspec.ValidationError(f"unknown event type {reprlib.repr(event_type)}")
+    version = raw.get("schema_version", 1)
+    if type(version) is not int:
+        raise msgspec.ValidationError(f"schema_version is not an integer: {reprlib.repr(version)}")
     target = EVENT_SCHEMA_VERSIONS[event_type]
-    if version > target:
+    if not 1 <= version <= target:
         raise msgspec.ValidationError(
-            f"event {raw.get('event_id')} has {event_type} v{version}; this code knows v{target}"
+            f"event {reprlib.repr(raw.get('event_id'))} has {event_type} v{version}; this code knows v1 to v{target}"
         )
     while version < target:
         payload = UPCASTERS[(event_type, version)](payload)

@@ -14,12 +14,15 @@ from typing import Annotated
 
 import msgspec
 
-COUNTY_CODE_PATTERN = r"^[1-9][0-9]{5}$"
-MILESTONE_ID_PATTERN = r"^[0-9]{1,2}\.[0-9]{1,2}$"
-PROGRAMME_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
+# Every pattern ends with ``$(?!\n)``: Python's ``$`` (msgspec's pattern check is ``re.search``)
+# also matches before a final newline, JSON Schema's (ECMA-262) does not; the look-ahead makes
+# both mean "the end of the value", so "410928\n" is refused as the published schema says.
+COUNTY_CODE_PATTERN = r"^[1-9][0-9]{5}$(?!\n)"
+MILESTONE_ID_PATTERN = r"^[0-9]{1,2}\.[0-9]{1,2}$(?!\n)"
+PROGRAMME_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$(?!\n)"
 # Submission ids come from county systems; they become Nats-Msg-Id and event-id prefixes.
-SUBMISSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-PERSON_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+SUBMISSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$(?!\n)"
+PERSON_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$(?!\n)"
 
 CountyCode = Annotated[str, msgspec.Meta(pattern=COUNTY_CODE_PATTERN, description="GB/T 2260 code")]
 MilestoneId = Annotated[str, msgspec.Meta(pattern=MILESTONE_ID_PATTERN, description="e.g. 1.2")]

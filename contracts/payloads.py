@@ -15,17 +15,27 @@ import msgspec
 
 from contracts.identifiers import MilestoneId, SubmissionId
 
+# Free text is stored as it came (SQL, HTML, newlines, escapes are all just text), but never
+# with U+0000: PostgreSQL refuses a NUL in text and jsonb, so a fact carrying one could never be
+# projected (a poison event). Refused on decoding, and said so in the JSON Schema.
+NO_NUL = r"^[^\x00]*$"
+NUL_MESSAGE = "Expected `str` without U+0000 (NUL), which cannot be stored"
+
 Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
-Note = Annotated[str, msgspec.Meta(max_length=2000)]
-Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
-Title = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Note = Annotated[str, msgspec.Meta(max_length=2000, pattern=NO_NUL)]
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=2000, pattern=NO_NUL)]
+Title = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 # 濮政办〔2016〕23号, 豫城建联办〔2016〕27号 …: free text, bounded.
-DocumentNumber = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
-Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
-Url = Annotated[str, msgspec.Meta(pattern=r"^https?://\S+$", max_length=2000)]
-StepId = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-ReviewKind = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-Period = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-(0[1-9]|1[0-2])$", description="YYYY-MM")]
+DocumentNumber = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=NO_NUL)]
+# A person's or system's own name for the record (``submitted_by``, an operator's name).
+UserName = Annotated[str, msgspec.Meta(max_length=200, pattern=NO_NUL)]
+# (``$(?!\n)``: the end of the value for Python and JSON Schema alike, see contracts.identifiers)
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$(?!\n)")]
+Url = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s\x00-\x1f\x7f]+$(?!\n)", max_length=2000)]
+StepId = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$(?!\n)")]
+ReviewKind = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$(?!\n)")]
+# (A year from 1000: the first day of "0000-01" is no date, and no programme runs before then.)
+Period = Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])$(?!\n)", description="YYYY-MM")]
 
 
 class Fields(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -33,6 +43,27 @@ class Fields(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
 
 
 F = TypeVar("F", bound=Fields)
+T = TypeVar("T")
+
+_NUL_PATTERN_MESSAGE = f"Expected `str` matching regex {NO_NUL!r}"
+
+
+def decode_json(decoder: msgspec.json.Decoder[T], data: bytes | memoryview) -> T:
+    """``decoder.decode(data)`` that fails only with ``msgspec.DecodeError`` (or its subclass
+    ``ValidationError``, naming the field), whatever the bytes: msgspec reports invalid UTF-8
+    inside a string as a bare ``UnicodeDecodeError``, and untyped values nested too deeply as a
+    ``RecursionError``. A NUL is refused in words, not as the regex that refuses it."""
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        if message.startswith(_NUL_PATTERN_MESSAGE):
+            raise msgspec.ValidationError(NUL_MESSAGE + message.removeprefix(_NUL_PATTERN_MESSAGE)) from None
+        raise
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(f"JSON is malformed: a string is not valid UTF-8 ({exc.reason})") from None
+    except RecursionError:
+        raise msgspec.DecodeError("JSON is malformed: nested too deeply") from None
 
 
 def recorded_as(target: type[F], source: Fields, **extra: Any) -> F:

@@ -9,7 +9,7 @@ import msgspec
 from contracts.errors import ERROR_TEXT, RETRYABLE, ErrorCode
 from contracts.events import decode_event
 from contracts.identifiers import Instant
-from contracts.payloads import Fields
+from contracts.payloads import Fields, decode_json
 
 
 class StoredEvent(Fields, frozen=True):
@@ -63,7 +63,7 @@ def refused(
 
 
 def decode_reply(data: bytes) -> Accepted | Refused:
-    return _reply_decoder.decode(data)
+    return decode_json(_reply_decoder, data)
 
 
 class RefusalRecord(Fields, frozen=True):

@@ -75,12 +75,18 @@ def load_yaml_struct(path: Path, type_: type[T], error: type[DataFileError]) -> 
         raise error(path, line, None, f"not valid YAML: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise error(path, None, None, f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise error(path, None, None, "not valid YAML: nested too deeply") from None
 
     def locate(key_path: str) -> int | None:
         return _line_of(root, key_path)
 
     if data is None:
         raise error(path, None, None, "the file is empty")
+    unstorable = _unstorable_text(data)
+    if unstorable is not None:
+        key, what = unstorable
+        raise error(path, locate(key), key, what)
     try:
         value = msgspec.convert(data, type_, strict=True)
     except msgspec.ValidationError as exc:
@@ -88,7 +94,32 @@ def load_yaml_struct(path: Path, type_: type[T], error: type[DataFileError]) -> 
         assert match is not None
         key = match.group("path")
         raise error(path, locate(key) if key else None, key, match.group("message")) from None
+    except RecursionError:
+        raise error(path, None, None, "nested too deeply") from None
     return value, locate
+
+
+def _unstorable_text(data: Any) -> tuple[str, str] | None:
+    """(key path, what is wrong) of the first string that cannot be stored or sent: a NUL
+    (PostgreSQL refuses it) or a lone surrogate (not text: encoding it fails), both reachable
+    through YAML escapes ("\\0", "\\ud800"). Each node is looked at once (aliases share nodes)."""
+    seen: set[int] = set()
+    stack: list[tuple[str, Any]] = [("$", data)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return key, "contains U+0000 (NUL), which cannot be stored"
+            if any("\ud800" <= ch <= "\udfff" for ch in value):
+                return key, "contains a lone surrogate (U+D800 to U+DFFF), which is not text"
+        elif isinstance(value, dict | list) and id(value) not in seen:
+            seen.add(id(value))
+            if isinstance(value, dict):
+                for k, v in reversed(value.items()):
+                    stack += [(f"{key}.{k}", v), (f"{key}.{k}", k)]  # the key is text too
+            else:
+                stack += [(f"{key}[{i}]", v) for i, v in reversed(list(enumerate(value)))]
+    return None
 
 
 def _line_of(root: yaml.Node | None, key_path: str) -> int | None:

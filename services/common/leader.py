@@ -22,13 +22,14 @@ from typing import Any
 import structlog
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import BadRequestError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 log = structlog.get_logger(__name__)
 
 LEADERS_BUCKET = "duban_leaders"
 DEFAULT_TTL = 6.0
+STREAM_NAME_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
 
 
 async def either(*events: asyncio.Event) -> None:
@@ -43,8 +44,17 @@ async def either(*events: asyncio.Event) -> None:
 class Leadership:
     """Run ``lead`` while this instance holds the lease of ``role``; wait as a standby otherwise."""
 
-    def __init__(self, js: JetStreamContext, role: str, *, ttl: float = DEFAULT_TTL, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        role: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        replicas: int = 1,
+        bucket: str = LEADERS_BUCKET,
+    ) -> None:
         self._js = js
+        self._bucket = bucket
         self.role = role
         self.instance = uuid.uuid4().hex[:12]
         self.ttl = ttl
@@ -54,7 +64,7 @@ class Leadership:
     async def run(self, stop: asyncio.Event, lead: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
         """Until ``stop``: be elected, then ``await lead(until)`` where ``until`` is set when the lease
         is lost or ``stop`` is set (``lead`` must return soon after)."""
-        kv = await self._js.create_key_value(bucket=LEADERS_BUCKET, history=1, ttl=self.ttl, replicas=self._replicas)
+        kv = await self._lease_bucket()
         while not stop.is_set():
             revision = await self._acquire(kv, stop)
             if revision is None:
@@ -77,6 +87,18 @@ class Leadership:
                 log.info("lease released", role=self.role, instance=self.instance)
             elif not stop.is_set():
                 log.warning("lease lost: standing by", role=self.role, instance=self.instance)
+
+    async def _lease_bucket(self) -> KeyValue:
+        try:
+            return await self._js.create_key_value(
+                bucket=self._bucket, history=1, ttl=self.ttl, replicas=self._replicas
+            )
+        except BadRequestError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
+            # Made by another version with other settings: use it as it is (its max age rules).
+            log.warning("lease bucket exists with other settings; using it", bucket=self._bucket)
+            return await self._js.key_value(self._bucket)
 
     async def _acquire(self, kv: KeyValue, stop: asyncio.Event) -> int | None:
         announced = False

@@ -1,11 +1,15 @@
 """structlog set-up shared by every service: JSON lines in production, readable in a terminal.
 
 Phone numbers are masked (138****1234) and secret-looking keys redacted in every log line,
-whatever the caller passed.
+whatever the caller passed. In JSON mode every record is one line, the standard library's
+(uvicorn, nats, asyncpg) too, and nothing in it can end a line or drive a terminal: JSON escapes
+the C0 controls, we escape DEL, the C1 controls (U+0085 is a line end to many readers, U+009B a
+terminal's CSI) and U+2028/U+2029 as well.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -40,13 +44,23 @@ def redact_processor(_logger: Any, _method: str, event_dict: MutableMapping[str,
     return event_dict
 
 
+# Outside JSON's own escapes (it escapes only U+0000-U+001F), what may end a line or act on a
+# terminal. They can occur only inside strings, so escaping them in the rendered text is safe.
+_LINE_BREAKERS = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line_json(value: Any, **kw: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, **kw)
+    return _LINE_BREAKERS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def configure_logging(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Logs go to standard error, or to ``stream`` (the demo keeps its terminal for its view)."""
     redirected = stream is not None
     stream = stream or sys.stderr
     json_lines = log_format == "json" or (log_format == "auto" and not stream.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer(ensure_ascii=False)
+        structlog.processors.JSONRenderer(serializer=_one_line_json)
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
@@ -64,10 +78,28 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Tex
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    # Libraries that use stdlib logging (faststream, nats, asyncpg) go through the same rules.
-    logging.basicConfig(
-        level=level.upper(), stream=stream, format="%(name)s %(levelname)s %(message)s", force=redirected
-    )
+    # Libraries that use stdlib logging (faststream, nats, asyncpg, uvicorn) go through the same
+    # rules; in JSON mode as JSON lines (a traceback too: in the record, not on lines of its own).
+    stdlib_handler = logging.StreamHandler(stream)
+    if json_lines:
+        stdlib_handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=[
+                    structlog.stdlib.add_log_level,
+                    structlog.stdlib.add_logger_name,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                ],
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    redact_processor,
+                    renderer,
+                ],
+            )
+        )
+    else:
+        stdlib_handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[stdlib_handler], force=redirected)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_StdlibRedactFilter())
     # HTTP clients log every request line at INFO, and a signed provider URL carries key ids and

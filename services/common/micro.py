@@ -26,6 +26,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from contracts.payloads import decode_json
 from services.common import metrics
 
 log = structlog.get_logger(__name__)
@@ -76,7 +77,7 @@ def json_endpoint(
 
     async def handle(request: Request) -> None:
         try:
-            query = decoder.decode(request.data or b"{}")
+            query = decode_json(decoder, request.data or b"{}")  # (invalid UTF-8 too: a DecodeError)
         except msgspec.ValidationError as exc:
             await _fail(request, error, _bad_request("请求格式错误", "malformed request", str(exc)))
             return
@@ -135,12 +136,39 @@ async def start_micro(
     service = await add_service(nc, name=name, version=version, description=description, metadata=metadata)
     started = MicroService(service)
     for endpoint in endpoints:
-        handler = _measured(name, endpoint)
+        handler = _inbox_replies_only(name, endpoint, _measured(name, endpoint))
         if endpoint.concurrency > 1:
             handler = _concurrent(handler, endpoint.concurrency, started.in_flight)
         await service.add_endpoint(name=endpoint.name, subject=endpoint.subject, handler=handler)
     await nc.flush()  # the subscriptions are registered on the server when this returns
     return started
+
+
+# Every client's reply inbox starts so: _INBOX. (the default), _INBOX_county_<code>, _INBOX_city,
+# _INBOX_province, _INBOX_gateway (services.common.natsauth); no stream captures such a subject.
+INBOX_PREFIX = "_INBOX"
+
+
+def _inbox_replies_only(service: str, endpoint: Endpoint, handler: Handler) -> Handler:
+    """Drop a request whose reply subject is not an inbox. The requester chooses the reply
+    subject, and the answer is published with the *service's* permissions: a county "replying" to
+    ``duban.events.<programme>.<another county>`` would have the submissions service write into
+    that county's event stream, which the county itself may not."""
+
+    async def handle(request: Request) -> None:
+        reply = request._msg.reply  # (nats-py's Request has no public accessor)
+        if reply and not reply.startswith(INBOX_PREFIX):
+            log.warning(
+                "request dropped: its reply subject is not an inbox",
+                service=service,
+                endpoint=endpoint.name,
+                subject=request.subject,
+                reply=reply[:200],
+            )
+            return
+        await handler(request)
+
+    return handle
 
 
 def _measured(service: str, endpoint: Endpoint) -> Handler:

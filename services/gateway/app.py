@@ -281,7 +281,9 @@ def _ref(name: str) -> dict[str, Any]:
 
 
 def _content(*names: str) -> dict[str, Any]:
-    schema = _ref(names[0]) if len(names) == 1 else {"oneOf": [_ref(n) for n in names]}
+    # anyOf, not oneOf: the error shapes overlap (a ledger's QueryError body is a valid
+    # GatewayError too, whose extra fields are optional), so "exactly one" would refuse them.
+    schema = _ref(names[0]) if len(names) == 1 else {"anyOf": [_ref(n) for n in names]}
     return {"content": {"application/json": {"schema": schema}}}
 
 

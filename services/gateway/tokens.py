@@ -33,6 +33,7 @@ import structlog
 
 from contracts.commands import Role
 from contracts.identifiers import COUNTY_CODE_PATTERN
+from contracts.payloads import decode_json
 
 __all__ = [
     "TOKENS_ENV",
@@ -123,7 +124,9 @@ class TokenStore:
             return None
         token_id, secret = match.groups()
         record = self._tokens.get(token_id)
-        matches = hmac.compare_digest(record.secret_sha256 if record else _NO_DIGEST, _digest(secret))
+        # As bytes: compare_digest refuses str with non-ASCII characters (a hand-edited file).
+        expected = (record.secret_sha256 if record else _NO_DIGEST).encode()
+        matches = hmac.compare_digest(expected, _digest(secret).encode())
         if record is None or not matches or record.revoked:
             return None
         return record
@@ -145,7 +148,7 @@ class TokenStore:
         if stat.S_IMODE(st.st_mode) & 0o077:
             log.warning("gateway token file is readable by others; it should be 0600", key_file=str(self.path))
         try:
-            parsed = _decoder.decode(self.path.read_bytes())
+            parsed = decode_json(_decoder, self.path.read_bytes())
         except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             # Fail closed: a token file we cannot read authorises nobody.
             log.error("gateway token file unreadable; no token is valid until it is fixed", error=str(exc))

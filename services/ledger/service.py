@@ -8,6 +8,7 @@ service error headers.
 from __future__ import annotations
 
 import datetime as dt
+from zoneinfo import ZoneInfo
 
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -85,6 +86,21 @@ class LedgerQueries:
             return await self._reader.states(programme), now
         if as_of > now:
             raise _error("bad_request", "查询时间晚于当前时间", "as_of lies in the future", as_of.isoformat(), "400")
+        # A day the views cannot judge is the query's fault (400), not the service's (a 500, which
+        # the gateway answers as a retryable 503): out of range, or before the working-day calendar.
+        try:
+            day = as_of.astimezone(dt.UTC).astimezone(ZoneInfo(programme.programme.timezone)).date()
+        except OverflowError:
+            raise _error("bad_request", "查询时间超出范围", "as_of is out of range", as_of.isoformat(), "400") from None
+        years = self._calendar.years
+        if day.year not in years:
+            raise _error(
+                "bad_request",
+                "查询日期不在工作日历范围内",
+                "as_of lies outside the working-day calendar",
+                f"{as_of.isoformat()}: the calendar knows {years[0]}–{years[-1]}",
+                "400",
+            )
         return await self._reader.states_as_of(programme, as_of), as_of
 
     def _context(self, programme: Programme, as_of: dt.datetime) -> views.ViewContext:

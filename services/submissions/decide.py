@@ -11,7 +11,6 @@ fact is stored together with a procedure finding (DOMAIN.md, "The procedure").
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -152,6 +151,17 @@ def decide(
 def _occurred_at(submission: Submission, now: dt.datetime) -> dt.datetime:
     if submission.occurred_at is None:
         return now
+    try:  # 0001-01-01T00:00+08:00 is a valid instant on the wire, and no datetime in UTC
+        submission.occurred_at.astimezone(dt.UTC)
+    except OverflowError:
+        raise _Refusal(
+            refused(
+                ErrorCode.INVALID_VALUE,
+                submission_id=submission.submission_id,
+                field="$.occurred_at",
+                detail=f"{submission.occurred_at.isoformat()} is out of range",
+            )
+        ) from None
     if submission.occurred_at > now + CLOCK_SKEW:
         raise _Refusal(
             refused(
@@ -176,7 +186,7 @@ def _with_findings(
     Each fact is judged against the record as it stands with the decision's earlier facts
     applied, so a provincial approval that completes milestone 1.2 satisfies its own rule.
     """
-    facts = copy.deepcopy(facts_before)
+    facts = facts_before.copy()
     index = 0
     for payload in payloads:
         own_id = event_id(submission_id, index)

@@ -12,10 +12,12 @@ import pytest
 
 from services.common.leader import Leadership
 
+TEST_BUCKET = "duban_leaders_test"  # a short TTL of its own: not the services' bucket
+
 
 class Instance:
     def __init__(self, js: nats.js.JetStreamContext, role: str, log: list[tuple[str, str]]) -> None:
-        self.leadership = Leadership(js, role, ttl=1.5)
+        self.leadership = Leadership(js, role, ttl=1.5, bucket=TEST_BUCKET)
         self.stop = asyncio.Event()
         self.name = self.leadership.instance
         self._log = log
@@ -89,7 +91,7 @@ async def test_a_dead_instance_is_replaced_within_the_ttl(nats_url: str) -> None
 @pytest.mark.parametrize("ttl", [1.5])
 async def test_work_that_fails_is_raised_not_hidden(nats_url: str, ttl: float) -> None:
     nc = await nats.connect(nats_url)
-    leadership = Leadership(nc.jetstream(), f"t{uuid.uuid4().hex[:8]}", ttl=ttl)
+    leadership = Leadership(nc.jetstream(), f"t{uuid.uuid4().hex[:8]}", ttl=ttl, bucket=TEST_BUCKET)
 
     async def lead(until: asyncio.Event) -> None:
         raise RuntimeError("the consumer broke")
