@@ -25,6 +25,7 @@ from contracts.payloads import (
     ReviewDecisionFields,
     ReviewRequestFields,
     TrialOperationFields,
+    TrialReportFields,
     UserName,
     decode_json,
 )
@@ -58,6 +59,10 @@ class StartTrialOperation(TrialOperationFields, tag_field="kind", tag="start_tri
     """The system went into trial operation (试运行) on this date."""
 
 
+class ReportTrialOperation(TrialReportFields, tag_field="kind", tag="report_trial_operation", frozen=True):
+    """A month of trial operation: cases reported, registered, dispatched, closed, on time, returned."""
+
+
 class FileProgressTable(ProgressTableFields, tag_field="kind", tag="file_progress_table", frozen=True):
     """The periodic 督查进度一览表: one line per milestone."""
 
@@ -80,7 +85,13 @@ class RetractSubmission(RetractionFields, tag_field="kind", tag="retract_submiss
 
 
 CountyCommand = (
-    ReportProgress | CompleteMilestone | RequestReview | StartTrialOperation | FileProgressTable | RequestExtension
+    ReportProgress
+    | CompleteMilestone
+    | RequestReview
+    | StartTrialOperation
+    | ReportTrialOperation
+    | FileProgressTable
+    | RequestExtension
 )
 OperatorCommand = DecideReview | DecideExtension | RetractSubmission
 Command = CountyCommand | OperatorCommand
@@ -90,6 +101,7 @@ COUNTY_COMMANDS: tuple[type[Fields], ...] = (
     CompleteMilestone,
     RequestReview,
     StartTrialOperation,
+    ReportTrialOperation,
     FileProgressTable,
     RequestExtension,
 )

@@ -23,6 +23,8 @@ class ErrorCode(enum.StrEnum):
     INVALID_VALUE = "invalid_value"
     SUBMISSION_ID_CONFLICT = "submission_id_conflict"
     UNAVAILABLE = "unavailable"
+    INCONSISTENT_TOTALS = "inconsistent_totals"
+    DUPLICATE_PERIOD = "duplicate_period"
 
 
 # (Chinese, English); the offending field and detail are added per refusal.
@@ -53,6 +55,14 @@ ERROR_TEXT: dict[ErrorCode, tuple[str, str]] = {
         "this submission id was already used for a different submission",
     ),
     ErrorCode.UNAVAILABLE: ("系统暂时无法受理，请稍后重试", "temporarily unavailable, retry later"),
+    ErrorCode.INCONSISTENT_TOTALS: (
+        "试运行月报数据前后不一致（如立案数大于上报数）",
+        "the trial-operation totals are inconsistent (e.g. more cases registered than reported)",
+    ),
+    ErrorCode.DUPLICATE_PERIOD: (
+        "该月试运行月报已报送；如需更正，请先撤回原报送再重新报送",
+        "a trial-operation report for this month is already on record; to correct it, have it retracted first",
+    ),
 }
 
 RETRYABLE: frozenset[ErrorCode] = frozenset({ErrorCode.UNAVAILABLE})

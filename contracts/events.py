@@ -30,6 +30,7 @@ from contracts.payloads import (
     ReviewDecisionFields,
     ReviewRequestFields,
     TrialOperationFields,
+    TrialReportFields,
     decode_json,
 )
 
@@ -62,6 +63,10 @@ class ReviewDecided(ReviewDecisionFields, tag_field="type", tag="review_decided"
 
 
 class TrialOperationStarted(TrialOperationFields, tag_field="type", tag="trial_operation_started", frozen=True):
+    pass
+
+
+class TrialOperationReported(TrialReportFields, tag_field="type", tag="trial_operation_reported", frozen=True):
     pass
 
 
@@ -169,6 +174,7 @@ EventPayload = (
     | ReviewRequested
     | ReviewDecided
     | TrialOperationStarted
+    | TrialOperationReported
     | ProgressTableFiled
     | ExtensionRequested
     | ExtensionDecided
@@ -192,6 +198,7 @@ EVENT_TYPES: dict[str, type[Fields]] = {
         ReviewRequested,
         ReviewDecided,
         TrialOperationStarted,
+        TrialOperationReported,
         ProgressTableFiled,
         ExtensionRequested,
         ExtensionDecided,

@@ -1,7 +1,8 @@
 """What a county's events establish, in one programme: the meaning of the event stream. Pure.
 
 Per milestone the last reported progress, completion and its evidence, the granted extension;
-the reviews and their state; the procedure findings; the progress tables filed; trial operation.
+the reviews and their state; the procedure findings; the progress tables filed; trial operation
+and its monthly reports.
 The ledger shows these facts; escalation judges them against deadlines. A retraction takes the
 retracted submission's facts out: the county is folded again from its events without them
 (nothing stored is edited).
@@ -30,6 +31,7 @@ from contracts.events import (
     ReviewDecided,
     ReviewRequested,
     SubmissionRetracted,
+    TrialOperationReported,
     TrialOperationStarted,
 )
 from contracts.payloads import Document, ExtensionOutcome, ReviewOutcome
@@ -75,6 +77,20 @@ class ProgressTableFacts(msgspec.Struct, kw_only=True):
     lines: int
 
 
+class TrialReportFacts(msgspec.Struct, kw_only=True):
+    """One month of trial operation as reported (the first kept report of the month)."""
+
+    period: str
+    filed_on: dt.date  # local date it was filed (occurred)
+    submission_id: str
+    cases_reported: int
+    cases_registered: int
+    cases_dispatched: int
+    cases_closed: int
+    cases_closed_on_time: int
+    cases_returned: int
+
+
 class ActionFacts(msgspec.Struct, kw_only=True):
     action_id: str
     level_id: str
@@ -98,6 +114,7 @@ class CountyFacts(msgspec.Struct, kw_only=True):
     findings: list[FindingFacts] = msgspec.field(default_factory=list)
     progress_tables: dict[str, ProgressTableFacts] = msgspec.field(default_factory=dict)
     trial_started_on: dt.date | None = None
+    trial_reports: dict[str, TrialReportFacts] = msgspec.field(default_factory=dict)  # period -> report
     retracted: list[str] = msgspec.field(default_factory=list)  # submission ids
     actions: dict[str, ActionFacts] = msgspec.field(default_factory=dict)
 
@@ -176,6 +193,21 @@ def _apply(ledger: CountyFacts, envelope: EventEnvelope, zone: ZoneInfo) -> None
                 payload.period,
                 ProgressTableFacts(
                     period=payload.period, filed_on=on, submission_id=envelope.submission_id, lines=len(payload.lines)
+                ),
+            )
+        case TrialOperationReported():
+            ledger.trial_reports.setdefault(
+                payload.period,
+                TrialReportFacts(
+                    period=payload.period,
+                    filed_on=on,
+                    submission_id=envelope.submission_id,
+                    cases_reported=payload.cases_reported,
+                    cases_registered=payload.cases_registered,
+                    cases_dispatched=payload.cases_dispatched,
+                    cases_closed=payload.cases_closed,
+                    cases_closed_on_time=payload.cases_closed_on_time,
+                    cases_returned=payload.cases_returned,
                 ),
             )
         case ExtensionRequested():

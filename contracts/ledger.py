@@ -9,6 +9,7 @@ import enum
 
 from contracts.identifiers import CountyCode, Instant, ProgrammeId
 from contracts.payloads import Document, Fields
+from contracts.readiness import Readiness
 
 QUERY_PREFIX = "duban.query.ledger"
 TABLE_SUBJECT = f"{QUERY_PREFIX}.table"
@@ -95,6 +96,7 @@ class CountyRow(Fields, frozen=True):
     milestones: tuple[MilestoneStatus, ...]
     progress_tables: dict[str, PeriodStatus]  # period -> status
     open_findings: int
+    readiness: Readiness | None = None  # acceptance readiness (验收准备), see contracts.readiness
 
 
 class ProgressTable(Fields, frozen=True):
@@ -149,6 +151,9 @@ class CountyDetail(Fields, frozen=True):
     findings: tuple[Finding, ...]
     trial_started_on: dt.date | None
     retracted_submissions: tuple[str, ...]
+    # Trial operation month by month, the earliest day to apply for pre-acceptance, what is
+    # missing and the slack to the acceptance deadlines (the same as ``county.readiness``).
+    readiness: Readiness | None = None
 
 
 class HistoryEntry(Fields, frozen=True):

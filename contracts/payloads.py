@@ -106,6 +106,27 @@ class TrialOperationFields(Fields, frozen=True):
     note: Note = ""
 
 
+# A month's case count (案件数): never negative, bounded so a typo cannot overflow a report.
+CaseCount = Annotated[int, msgspec.Meta(ge=0, le=100_000_000)]
+
+
+class TrialReportFields(Fields, frozen=True):
+    """A month of trial operation (试运行月报) as the county's own system counted it.
+
+    Consistent totals: registered ≤ reported, dispatched ≤ registered, closed ≤ dispatched,
+    closed_on_time ≤ closed, returned ≤ dispatched (checked by the decision, naming the field).
+    """
+
+    period: Period
+    cases_reported: CaseCount  # 上报
+    cases_registered: CaseCount  # 立案
+    cases_dispatched: CaseCount  # 派遣
+    cases_closed: CaseCount  # 结案
+    cases_closed_on_time: CaseCount  # 按期结案
+    cases_returned: CaseCount  # 返工（退回重办）
+    note: Note = ""
+
+
 class ProgressTableLine(Fields, frozen=True):
     milestone_id: MilestoneId
     percent: Percent

@@ -33,6 +33,10 @@ class Trigger(enum.StrEnum):
     SECOND_OFFENCE = "second_offence"  # a county's second issued public criticism
     PROCEDURE_FINDING = "procedure_finding"  # a step reported out of the procedure's order
     PROGRAMME_FAILED = "programme_failed"  # the final milestone missed: provincial measures
+    # Acceptance readiness (contracts.readiness): the earliest day to apply for pre-acceptance is
+    # past its effective deadline (trial started too late, or a month missing or not stable).
+    READINESS_LOST = "readiness_lost"
+    MISSED_TRIAL_REPORT = "missed_trial_report"  # a monthly trial-operation report not filed by its due date
 
 
 class PolicySpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -100,6 +100,7 @@ class Trigger(Spec, frozen=True):
     step_done: str | None = None  # "1.3/tender_published"
     milestone_completed: tuple[MilestoneId, ...] | None = None
     trial_operation_started: bool | None = None
+    trial_operation_reported: bool | None = None  # a monthly trial-operation report
 
 
 class Requirement(Spec, frozen=True):
@@ -108,6 +109,9 @@ class Requirement(Spec, frozen=True):
     review_passed: ReviewKind | None = None
     milestone_completed: MilestoneId | None = None
     trial_operation_months: Annotated[int, msgspec.Meta(ge=1, le=60)] | None = None
+    # Trial operation started no later than the reported month (for a monthly report: the month
+    # reported is not before the month trial operation started in).
+    trial_operation_started: bool | None = None
 
 
 class ProcedureRule(Spec, frozen=True):
@@ -131,6 +135,28 @@ class ProgressTableRhythm(Spec, frozen=True):
     is_default: bool = True  # the notice defers the rhythm to another document
 
 
+Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class TrialOperation(Spec, frozen=True):
+    """Monthly trial-operation reports and what makes a month "stable operation".
+
+    A reported month is stable when each rate meets its threshold; a rate whose denominator is
+    zero (no cases to dispatch or close that month) counts as met. Defaults apply when the
+    programme file has no ``trial_operation`` section; they are ours, not the notice's (which
+    says only "试运行6个月后"): 95 % of registered cases dispatched, 90 % of dispatched cases
+    closed, 80 % of closed cases closed on time; reports due by the 5th of the following month
+    like the progress table; six stable months before pre-acceptance.
+    """
+
+    min_dispatch_rate: Rate = 0.95  # dispatched / registered
+    min_closure_rate: Rate = 0.9  # closed / dispatched
+    min_on_time_rate: Rate = 0.8  # closed_on_time / closed
+    report_due_day: Annotated[int, msgspec.Meta(ge=1, le=28)] = 5  # of the month after the one reported
+    stable_months: Annotated[int, msgspec.Meta(ge=1, le=60)] = 6
+    is_default: bool = True  # the notice gives no thresholds
+
+
 class Person(Spec, frozen=True):
     id: PersonId
     name: NonEmpty
@@ -152,6 +178,7 @@ class Programme(Spec, frozen=True):
     rules: tuple[ProcedureRule, ...]
     progress_table: ProgressTableRhythm
     counties: tuple[County, ...]
+    trial_operation: TrialOperation = TrialOperation()
 
     @property
     def id(self) -> str:
@@ -177,6 +204,12 @@ class Programme(Spec, frozen=True):
             periods.append(f"{year:04d}-{month:02d}")
             year, month = (year + 1, 1) if month == 12 else (year, month + 1)
         return periods
+
+    def trial_report_due(self, period: str) -> dt.date:
+        """The day a month's trial-operation report is due: the set day of the following month."""
+        year, month = int(period[:4]), int(period[5:])
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+        return dt.date(year, month, self.trial_operation.report_due_day)
 
     def progress_table_due(self, period: str) -> dt.date:
         """The day a period's table is due: the set day of the following month."""

@@ -55,6 +55,7 @@ EVENT_ZH: dict[str, str] = {
     "review_requested": "申请审查",
     "review_decided": "审查决定",
     "trial_operation_started": "开始试运行",
+    "trial_operation_reported": "试运行月报",
     "progress_table_filed": "报送一览表",
     "extension_requested": "申请延期",
     "extension_decided": "延期决定",
@@ -129,6 +130,17 @@ def county_view(detail: CountyDetail) -> RenderableType:
     head.append(f"\n截至{d.year}年{d.month}月{d.day}日　程序问题：{row.open_findings}项")
     if detail.trial_started_on is not None:
         head.append(f"　试运行开始：{detail.trial_started_on.isoformat()}")
+    ready = detail.readiness
+    if ready is not None and ready.trial_started_on is not None and ready.earliest_pre_acceptance is not None:
+        head.append(
+            f"\n验收准备：稳定运行{ready.stable_months}/{ready.stable_months_required}个月，"
+            f"最早可于{ready.earliest_pre_acceptance.isoformat()}申请预验收"
+        )
+        for slack in ready.deadlines:
+            if slack.completed_on is None and slack.slack_workdays is not None:
+                head.append(f"，{slack.milestone_id}余量{slack.slack_workdays}个工作日")
+        if ready.missing:
+            head.append(f"\n尚缺：{'；'.join(ready.missing)}", style="yellow")
 
     milestones = Table(title="建设任务", show_lines=False)
     for name in ("序号", "建设任务", "状态", "截止日期", "剩余工作日", "完成日期", "已完成步骤", "材料", "备注"):

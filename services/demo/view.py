@@ -58,6 +58,8 @@ LEVEL_SHORT: dict[str, str] = {
     "second_offence_talk": "约谈（再次通报）",
     "procedure_notice": "程序问题提示",
     "provincial_measures": "省级问责建议",
+    "missed_trial_report_criticism": "通报批评（试运行月报）",
+    "readiness_warning": "验收准备预警",
 }
 # The order of the summary's levels: the default ladder, then anything else by name.
 LEVEL_ORDER = (
@@ -69,6 +71,8 @@ LEVEL_ORDER = (
     "missed_table_criticism",
     "second_offence_talk",
     "procedure_notice",
+    "missed_trial_report_criticism",
+    "readiness_warning",
     "provincial_measures",
 )
 LEVEL_STYLES: dict[str, str] = {
@@ -80,6 +84,8 @@ LEVEL_STYLES: dict[str, str] = {
     "missed_table_criticism": "bold red",
     "second_offence_talk": "bold red",
     "procedure_notice": "magenta",
+    "missed_trial_report_criticism": "bold red",
+    "readiness_warning": "yellow",
     "provincial_measures": "bold white on red",
 }
 STATE_ZH: dict[str, str] = {"issued": "发出", "proposed": "待确认", "confirmed": "已确认", "waived": "免予处理"}

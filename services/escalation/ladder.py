@@ -21,6 +21,7 @@ from contracts.events import ActionIssued, ActionProposed
 from contracts.facts import CountyFacts
 from contracts.policy import Level, Policy, Trigger
 from contracts.programme import Milestone, Programme
+from contracts.readiness import AcceptanceSteps, month_end, next_period, period_of, readiness
 from contracts.workdays import WorkdayCalendar
 
 
@@ -74,6 +75,8 @@ def _all_due(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterator[Actio
     for milestone in judge.programme.milestones:
         yield from _milestone_actions(judge, facts, milestone, today, pins.get(milestone.id, judge.current))
     yield from _progress_table_actions(judge, facts, today)
+    yield from _trial_report_actions(judge, facts, today)
+    yield from _readiness_actions(judge, facts, today)
     yield from _finding_actions(judge, facts, today)
     yield from _second_offence_actions(judge, facts, today)
 
@@ -179,6 +182,106 @@ def _progress_table_actions(
                     ),
                 },
             )
+
+
+def _trial_report_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterator[ActionIssued | ActionProposed]:
+    """A monthly trial-operation report not filed by its due date, judged like a missed progress
+    table: every month from the month trial operation started until pre-acceptance is done (a
+    month is required when it ended before the pre-acceptance milestone was completed)."""
+    policy = judge.current
+    levels = [lv for lv in policy.levels if lv.trigger is Trigger.MISSED_TRIAL_REPORT]
+    started = facts.trial_started_on
+    if not levels or started is None:
+        return
+    programme = judge.programme
+    steps = AcceptanceSteps.of(programme)
+    pre = steps.milestone(programme, steps.pre_kind)
+    finished = facts.milestones[pre.id].completed_on if pre is not None else None
+    cal = judge.calendar
+    for level in levels:
+        period = period_of(started)
+        while True:
+            if finished is not None and month_end(period) >= finished:
+                break  # pre-acceptance done: the month it was done in, and later ones, need no report
+            due = judge.deadline(policy, programme.trial_report_due(period))
+            due_on = cal.add_workdays(due, level.workdays)
+            if today < due_on:
+                break  # months are in order: later ones are not due either
+            action_id = _action_id(judge, facts, level.id, period)
+            filed = facts.trial_reports.get(period)
+            if action_id not in facts.actions and (filed is None or filed.filed_on > due):
+                late = f"于{_zh(filed.filed_on)}逾期报送" if filed else "截至目前仍未报送"
+                yield _make(
+                    level,
+                    policy,
+                    {
+                        "action_id": action_id,
+                        "due_on": due_on,
+                        "period": period,
+                        "deadline": due,
+                        "workdays": cal.workdays_between(due, today),
+                        "missing_zh": f"{period}试运行月报",
+                        "explanation_zh": (
+                            f"{_period_zh(period)}试运行月报应于{_zh(due)}前报送，{late}，"
+                            f"依据督办政策{policy.version}“{level.name}”，{_confirm_zh(level)}"
+                        ),
+                    },
+                )
+            period = next_period(period)
+
+
+def _readiness_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterator[ActionIssued | ActionProposed]:
+    """Warn the day the slack to the pre-acceptance deadline is gone: trial operation started too
+    late for six stable months before it, or a missing or unstable month moved the earliest day
+    past it. Once per effective deadline (a granted extension re-arms it)."""
+    policy = judge.current
+    levels = [lv for lv in policy.levels if lv.trigger is Trigger.READINESS_LOST]
+    if not levels or facts.trial_started_on is None:
+        return
+    programme = judge.programme
+    steps = AcceptanceSteps.of(programme)
+    pre = steps.milestone(programme, steps.pre_kind)
+    if pre is None or facts.milestones[pre.id].completed_on is not None:
+        return
+    state = readiness(programme, facts, today, judge.calendar, roll_rest_days=policy.roll_rest_day_deadlines)
+    slack = next((d for d in state.deadlines if d.milestone_id == pre.id), None)
+    earliest, since = state.earliest_pre_acceptance, state.run_known_on
+    if slack is None or earliest is None or since is None or slack.can_make_it is not False:
+        return
+    deadline = slack.effective_deadline
+    for level in levels:
+        action_id = _action_id(judge, facts, level.id, pre.id, deadline.isoformat())
+        if action_id in facts.actions or today < since:
+            continue
+        if state.run_started_on == facts.trial_started_on:
+            latest = _zh(state.latest_trial_start or deadline)
+            why = f"系统于{_zh(facts.trial_started_on)}才开始试运行（最迟应于{latest}开始）"
+        else:
+            broken = next((m for m in reversed(state.months) if m.state in ("missing", "unstable")), None)
+            what = "未按期报送" if broken is not None and broken.state == "missing" else "未达到稳定运行标准"
+            month = _period_zh(broken.period) if broken else ""
+            restart = _zh(state.run_started_on or since)
+            started = _zh(facts.trial_started_on)
+            why = f"系统于{started}开始试运行，{month}试运行月报{what}，稳定运行须自{restart}重新计算"
+        yield _make(
+            level,
+            policy,
+            {
+                "action_id": action_id,
+                "due_on": since,
+                "milestone_id": pre.id,
+                "deadline": deadline,
+                "workdays": slack.slack_workdays or 0,
+                "missing_zh": f"{state.stable_months_required}个月稳定试运行",
+                "explanation_zh": (
+                    f"{why}，须稳定运行{state.stable_months_required}个月后方可申请预验收，最早于{_zh(earliest)}，"
+                    f"已晚于里程碑{pre.id}《{pre.title}》完成时限{_zh(deadline)}"
+                    f"（余量{slack.slack_workdays if slack.slack_workdays is not None else '—'}个工作日），"
+                    f"按期完成预验收已无可能，请及早采取措施或申请延期。"
+                    f"依据督办政策{policy.version}“{level.name}”，{_confirm_zh(level)}"
+                ),
+            },
+        )
 
 
 def _finding_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterator[ActionIssued | ActionProposed]:

@@ -80,6 +80,8 @@ REFUSAL_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_VALUE: 422,
     ErrorCode.SUBMISSION_ID_CONFLICT: 409,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.INCONSISTENT_TOTALS: 422,
+    ErrorCode.DUPLICATE_PERIOD: 409,
 }
 UNMAPPED_REFUSAL_STATUS = 422  # a code added to the contract after this table (never expected)
 

@@ -3,7 +3,9 @@
 Sheet "督查进度一览表" follows the notice's ledger (附件 工作台账): 序号, 阶段, 建设任务, 完成时限,
 then one group of columns per county (状态, 完成时间, 备注) headed by the county, its 责任单位 and
 its 责任人; one row per milestone, each status cell filled with its traffic light. Sheet "报送情况"
-shows the progress-table filings per county and period.
+shows the progress-table filings per county and period. Sheet "验收准备" shows each county's
+acceptance readiness (contracts.readiness): trial operation, stable months, the earliest day to
+apply for pre-acceptance, the slack to the 3.2 and 3.3 deadlines and what is still missing.
 
 The same table gives the same bytes: the workbook's document dates are the table's as-of
 instant and the zip entries carry a fixed timestamp.
@@ -43,6 +45,7 @@ from contracts.workdays import CalendarYearMissing, WorkdayCalendar
 
 SHEET_TABLE = "督查进度一览表"
 SHEET_FILINGS = "报送情况"
+SHEET_READINESS = "验收准备"
 REPORT_SUFFIX = "督查进度一览表"
 FONT_NAME = "宋体"  # SimSun; Excel and WPS substitute a CJK serif where it is missing
 
@@ -384,6 +387,74 @@ def _filings_sheet(ws: Worksheet, table: ProgressTable, title: str) -> None:
     ws.page_setup.paperSize = ws.PAPERSIZE_A4
 
 
+READINESS_COLUMNS: tuple[tuple[str, float], ...] = (
+    ("序号", 6.0),
+    ("县（市、区）", 12.0),
+    ("责任人", 10.0),
+    ("试运行开始", 12.0),
+    ("稳定运行月数", 12.0),
+    ("最早可申请预验收", 14.0),
+    ("预验收时限", 12.0),
+    ("预验收余量（工作日）", 12.0),
+    ("正式验收时限", 12.0),
+    ("正式验收余量（工作日）", 12.0),
+    ("尚缺事项", 50.0),
+)
+
+
+def _slack_light(slack: int | None, due_soon: int) -> Light | None:
+    if slack is None:
+        return None
+    if slack < 0:
+        return Light.RED
+    return Light.YELLOW if slack <= due_soon else Light.GREEN
+
+
+def _readiness_sheet(ws: Worksheet, table: ProgressTable, title: str) -> None:
+    """One row per county: its acceptance readiness as of the table's day."""
+    last_col = len(READINESS_COLUMNS)
+    _title_rows(ws, f"{title}验收准备情况", f"{as_of_text(table)}　　试运行满稳定运行月数后方可申请预验收", last_col)
+    header = 3
+    for col, (name, width) in enumerate(READINESS_COLUMNS, start=1):
+        _put(ws, header, col, name, font=_HEADER_FONT).fill = _HEADER_FILL
+        ws.column_dimensions[get_column_letter(col)].width = width
+    ws.row_dimensions[header].height = 2 * _LINE_HEIGHT + 6
+    row = header + 1
+    for n, county in enumerate(table.counties, start=1):
+        r = county.readiness
+        _put(ws, row, 1, n)
+        _put(ws, row, 2, county.county_name)
+        _put(ws, row, 3, county.responsible_person)
+        if r is None:
+            for col in range(4, last_col + 1):
+                _put(ws, row, col, None)
+            row += 1
+            continue
+        values: list[CellValue] = [
+            r.trial_started_on,
+            f"{r.stable_months}/{r.stable_months_required}" if r.trial_started_on else None,
+            r.earliest_pre_acceptance,
+        ]
+        for col, value in enumerate(values, start=4):
+            cell = _put(ws, row, col, value)
+            if isinstance(value, dt.date):
+                cell.number_format = DATE_FORMAT
+        col = 7
+        for slack in r.deadlines[:2]:
+            _put(ws, row, col, slack.effective_deadline).number_format = DATE_FORMAT
+            done = slack.completed_on is not None
+            text: CellValue = f"已完成{slack.completed_on.isoformat()}" if slack.completed_on else slack.slack_workdays
+            cell = _put(ws, row, col + 1, text)
+            _light_style(cell, Light.GREEN if done else _slack_light(slack.slack_workdays, table.due_soon_workdays))
+            col += 2
+        missing = "；".join(r.missing) or ("可申请预验收" if r.ready else "")
+        _put(ws, row, last_col, missing or None, align=_LEFT)
+        ws.row_dimensions[row].height = _row_height([(missing, READINESS_COLUMNS[-1][1])])
+        row += 1
+    ws.freeze_panes = f"D{header + 1}"
+    _page_setup(ws, f"{header}:{header}", f"{title}验收准备情况")
+
+
 def progress_table_xlsx(
     table: ProgressTable, *, title: str | None = None, calendar: WorkdayCalendar | None = None
 ) -> bytes:
@@ -400,6 +471,8 @@ def progress_table_xlsx(
     ws.title = SHEET_TABLE
     _table_sheet(ws, table, heading, calendar)
     _filings_sheet(wb.create_sheet(SHEET_FILINGS), table, heading)
+    if any(c.readiness is not None for c in table.counties):
+        _readiness_sheet(wb.create_sheet(SHEET_READINESS), table, heading)
 
     stamp = table.as_of.astimezone(dt.UTC).replace(tzinfo=None, microsecond=0)
     wb.properties.creator = "duban"

@@ -25,6 +25,7 @@ from contracts.ledger import (
     Status,
 )
 from contracts.programme import County, Programme
+from contracts.readiness import readiness
 from contracts.workdays import WorkdayCalendar
 from services.ledger.status import LightSettings, milestone_status, period_status
 
@@ -57,6 +58,13 @@ class ViewContext:
                 for period in self.programme.reporting_periods()
             },
             open_findings=len(ledger.findings),
+            readiness=readiness(
+                self.programme,
+                ledger,
+                self.today,
+                self.calendar,
+                roll_rest_days=self.settings.roll_rest_day_deadlines,
+            ),
         )
 
 
@@ -127,6 +135,7 @@ def county_detail(ctx: ViewContext, county: County, ledger: CountyFacts) -> Coun
         findings=tuple(Finding(**msgspec.structs.asdict(f)) for f in ledger.findings),
         trial_started_on=ledger.trial_started_on,
         retracted_submissions=tuple(ledger.retracted),
+        readiness=row.readiness,
     )
 
 
@@ -195,6 +204,10 @@ def summarise(programme: Programme, e: EventEnvelope) -> str:
         "review_decided": f"{r}{'通过' if p.get('outcome') == 'passed' else '退回修改'}",
         "trial_operation_started": f"系统于{p.get('started_on')}开始试运行",
         "progress_table_filed": f"报送{p.get('period')}督查进度一览表",
+        "trial_operation_reported": (
+            f"报送{p.get('period')}试运行月报：上报{p.get('cases_reported')}件，立案{p.get('cases_registered')}件，"
+            f"结案{p.get('cases_closed')}件（按期{p.get('cases_closed_on_time')}件）"
+        ),
         "extension_requested": f"申请{m}延期至{p.get('proposed_deadline')}",
         "extension_decided": (
             f"{m}延期{'获批至' + str(p.get('new_deadline')) if p.get('outcome') == 'granted' else '未获批准'}"

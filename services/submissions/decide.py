@@ -23,6 +23,7 @@ from contracts.commands import (
     DecideReview,
     FileProgressTable,
     ReportProgress,
+    ReportTrialOperation,
     RequestExtension,
     RequestReview,
     RetractSubmission,
@@ -42,12 +43,13 @@ from contracts.events import (
     ReviewDecided,
     ReviewRequested,
     SubmissionRetracted,
+    TrialOperationReported,
     TrialOperationStarted,
 )
 from contracts.payloads import Document, ExtensionOutcome, ReviewOutcome, recorded_as
 from contracts.programme import Decider, Programme
 from contracts.replies import Refused, refused
-from services.submissions.procedure import Trigger, breaches
+from services.submissions.procedure import Trigger, breaches, month_end
 from services.submissions.record import CountyRecord, Facts, StoredSubmission, fold_fact
 
 # How far ahead of our clock a sender's clock may run before its time counts as "future".
@@ -243,6 +245,8 @@ def _triggers(programme: Programme, facts: Facts, payload: EventPayload, on: dt.
         case TrialOperationStarted():
             if facts.trial_started_on is None:
                 yield Trigger("trial_operation_started", payload.started_on)
+        case TrialOperationReported():
+            yield Trigger("trial_operation_reported", month_end(payload.period), payload.period)
         case _:
             return
 
@@ -325,6 +329,8 @@ class _Context:
                         evidence=(Document(title="系统试运行开始"),),
                         via="trial_operation_started",
                     )
+            case ReportTrialOperation():
+                yield from self._trial_report(command)
             case FileProgressTable():
                 first_day = dt.date(int(command.period[:4]), int(command.period[5:]), 1)
                 self.not_future(first_day, "$.command.period")
@@ -355,6 +361,42 @@ class _Context:
                         "already retracted, or itself a retraction",
                     )
                 yield recorded_as(SubmissionRetracted, command)
+
+    def _trial_report(self, command: ReportTrialOperation) -> Iterator[EventPayload]:
+        """A month of trial operation: a month that has ended, reported once, with consistent totals.
+
+        A month before trial operation started is stored with a procedure finding (a rule in the
+        programme file), not refused: the county has told us a fact out of order.
+        """
+        last_day = month_end(command.period)
+        if last_day >= self.today:
+            raise self.refuse(
+                ErrorCode.DATE_IN_FUTURE,
+                "$.command.period",
+                f"{command.period} has not ended on {self.today.isoformat()}: report a month once it is over",
+            )
+        for field, value, bound_field, bound in (
+            ("cases_registered", command.cases_registered, "cases_reported", command.cases_reported),
+            ("cases_dispatched", command.cases_dispatched, "cases_registered", command.cases_registered),
+            ("cases_closed", command.cases_closed, "cases_dispatched", command.cases_dispatched),
+            ("cases_closed_on_time", command.cases_closed_on_time, "cases_closed", command.cases_closed),
+            ("cases_returned", command.cases_returned, "cases_dispatched", command.cases_dispatched),
+        ):
+            if value > bound:
+                raise self.refuse(
+                    ErrorCode.INCONSISTENT_TOTALS,
+                    f"$.command.{field}",
+                    f"{field} {value} is more than {bound_field} {bound}",
+                )
+        earlier = self.record.facts.trial_reports.get(command.period)
+        if earlier is not None:
+            raise self.refuse(
+                ErrorCode.DUPLICATE_PERIOD,
+                "$.command.period",
+                f"{command.period} was reported in submission {earlier}; "
+                "to correct it the city retracts that submission (retract_submission), then report again",
+            )
+        yield recorded_as(TrialOperationReported, command)
 
     def _review_decision(self, command: DecideReview) -> Iterator[EventPayload]:
         decider = self.review_kind(command.review_kind)

@@ -7,16 +7,20 @@ it is stored, and a procedure finding is stored beside it.
 
 from __future__ import annotations
 
-import calendar
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 from contracts.programme import Decider, ProcedureRule, Programme
+from contracts.readiness import add_months, month_end
 from services.submissions.record import Facts
 
-TriggerKind = Literal["review_requested", "step_done", "milestone_completed", "trial_operation_started"]
+__all__ = ["Breach", "Trigger", "add_months", "breaches", "month_end", "review_passed"]
+
+TriggerKind = Literal[
+    "review_requested", "step_done", "milestone_completed", "trial_operation_started", "trial_operation_reported"
+]
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Trigger:
 
     kind: TriggerKind
     on: dt.date  # the reported date (completed_on, started_on) or the day it was reported
-    value: str = ""  # review kind, "milestone/step", milestone id
+    value: str = ""  # review kind, "milestone/step", milestone id, reported period "YYYY-MM"
 
     @property
     def milestone_id(self) -> str | None:
@@ -66,6 +70,8 @@ def _matches(rule: ProcedureRule, trigger: Trigger) -> bool:
             return trigger.value in (when.milestone_completed or ())
         case "trial_operation_started":
             return bool(when.trial_operation_started)
+        case "trial_operation_reported":
+            return bool(when.trial_operation_reported)
     return False
 
 
@@ -83,6 +89,14 @@ def _unmet(programme: Programme, facts: Facts, rule: ProcedureRule, on: dt.date)
         if completed is not None and completed <= on:
             return None
         return f"截至{on.isoformat()}建设任务{req.milestone_completed}尚未完成"
+    if req.trial_operation_started:
+        # ``on`` is the last day of the month reported: trial operation must have started by then.
+        started = facts.trial_started_on
+        if started is not None and started <= on:
+            return None
+        if started is None:
+            return f"截至{on.isoformat()}未见系统试运行开始记录"
+        return f"系统于{started.isoformat()}开始试运行，所报月份（至{on.isoformat()}）早于试运行开始"
     if req.trial_operation_months is not None:
         months = req.trial_operation_months
         started = facts.trial_started_on
@@ -105,10 +119,3 @@ def review_passed(programme: Programme, facts: Facts, kind: str, by: dt.date) ->
         return passed_on <= by
     review = programme.review(kind)
     return review is not None and review.decided_by is Decider.NONE and kind in facts.reviews_requested
-
-
-def add_months(day: dt.date, months: int) -> dt.date:
-    """The same day ``months`` calendar months later, clamped to the month's end (8-31 → 2-28)."""
-    index = day.month - 1 + months
-    year, month = day.year + index // 12, index % 12 + 1
-    return dt.date(year, month, min(day.day, calendar.monthrange(year, month)[1]))

@@ -213,6 +213,15 @@ ONE_OF_EACH: list[EventPayload] = [
         comments="不符合9+X标准",
     ),
     ev.TrialOperationStarted(started_on=dt.date(2017, 12, 1)),
+    ev.TrialOperationReported(
+        period="2018-01",
+        cases_reported=120,
+        cases_registered=110,
+        cases_dispatched=108,
+        cases_closed=100,
+        cases_closed_on_time=90,
+        cases_returned=3,
+    ),
     ev.ProgressTableFiled(
         period="2017-04",
         lines=(ProgressTableLine(milestone_id="1.1", percent=100), ProgressTableLine(milestone_id="1.2", percent=40)),

@@ -93,6 +93,8 @@ EXPECTED: dict[str, set[tuple[str, str, str]]] = {
         ("2017-11-07", "missed_table_criticism", "2017-10"),
         ("2017-11-08", "second_offence_talk", "2017-10"),
         ("2018-02-02", "reminder", "3.1"),
+        # Trial operation from 2018-02-06: six months end on 08-06, after 3.2's 07-31.
+        ("2018-02-06", "readiness_warning", "3.2"),
         ("2018-07-09", "procedure_notice", "3.2"),
         ("2018-07-24", "reminder", "3.2"),
     },
@@ -411,7 +413,7 @@ def test_judging_before_or_after_the_days_steps_comes_to_the_same_actions(story:
         return (r.county_code, r.action.level_id, subject, r.day.isoformat() if with_day else "")
 
     # Actions triggered by an event (a finding, a confirmation) come the day after in the emulation.
-    evented = {"procedure_notice", "second_offence_talk"}
+    evented = {"procedure_notice", "second_offence_talk", "readiness_warning"}
     after_keys = sorted(key(r, r.action.level_id not in evented) for r in played.actions)
     before_keys = sorted(key(r, r.action.level_id not in evented) for r in before.actions)
     assert before_keys == after_keys

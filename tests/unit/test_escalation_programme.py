@@ -27,6 +27,14 @@ START, END = D("2017-03-01"), D("2018-11-30")
 PERIODS = [f"{y}-{m:02d}" for y, m in [(2017, m) for m in range(3, 13)] + [(2018, m) for m in range(1, 11)]]
 
 
+TRIAL_PERIODS = ["2017-12", *(f"2018-{m:02d}" for m in range(1, 7))]
+
+
+def next_month_3rd(period: str) -> str:
+    year, month = int(period[:4]), int(period[5:])
+    return dt.date(year + month // 12, month % 12 + 1, 3).isoformat()
+
+
 def judge(policy: Policy = POLICY) -> Judge:
     return Judge(Story().programme, {policy.version: policy}, policy, CAL)
 
@@ -55,6 +63,10 @@ def play_on_time(story: Story, county: str, *, skip: set[str] = frozenset()) -> 
     s.complete("2017-11-27", county, "2.3")
     if "late-trial" not in skip:
         s.send("2017-12-27", county, {"kind": "start_trial_operation", "started_on": "2017-12-27"})  # 3.1
+        # Monthly trial-operation reports, stable, on the 3rd of the following month: 2017-12 to
+        # 2018-06 (pre-acceptance passes on 2018-07-20: July's needs none).
+        for period in TRIAL_PERIODS:
+            s.report_trial(next_month_3rd(period), county, period)
         s.send("2018-06-28", county, {"kind": "request_review", "review_kind": "self_acceptance"})
         if "early-acceptance" not in skip:
             s.send("2018-07-02", county, {"kind": "request_review", "review_kind": "pre_acceptance"})
@@ -131,6 +143,8 @@ def programme_story() -> Story:
         role=Role.CITY,
     )
     story.send("2018-03-01", "410926", {"kind": "start_trial_operation", "started_on": "2018-03-01"})
+    for period in (f"2018-{m:02d}" for m in range(3, 11)):  # never pre-accepted: reports to the end
+        story.report_trial(next_month_3rd(period), "410926", period)
     # 台前县: applies for pre-acceptance after under five months of trial operation; and its
     # completion of 2.1 is retracted by the city on 08-01 (wrong evidence), then reported again.
     play_on_time(story, "410927", skip={"early-acceptance", "2.1"})
@@ -354,3 +368,14 @@ def test_whatif_with_a_stricter_policy_reports_exactly_the_added_actions(program
         (c, "2017-04-17", "early_warning") for c in ("410928", "410922", "410923", "410926", "410927")
     }
     assert diff.removed == [] and diff.moved == []
+
+
+def test_a_trial_start_too_late_for_pre_acceptance_is_warned_that_day(actions: list[ReplayedAction]) -> None:
+    # 范县 starts trial operation on 2018-03-01: six stable months end on 09-01, after 3.2's
+    # 2018-07-31 (the last start that makes it is 01-31). The on-time counties report every
+    # month and are never warned.
+    assert [a for a in summary(actions, "410926") if a[1] == "readiness_warning"] == [
+        ("2018-03-01", "readiness_warning", "3.2")
+    ]
+    assert not [r for r in actions if r.county_code != "410926" and r.action.level_id == "readiness_warning"]
+    assert not [r for r in actions if r.action.level_id == "missed_trial_report_criticism"]

@@ -108,7 +108,7 @@ def test_shipped_reviews_and_their_deciders(programme: Programme) -> None:
         "pre_acceptance": Decider.PROVINCE,
         "formal_acceptance": Decider.PROVINCE,
     }
-    assert len(programme.rules) == 8
+    assert len(programme.rules) == 9
 
 
 def test_shipped_counties_in_notice_order_with_normalised_names(programme: Programme) -> None:
