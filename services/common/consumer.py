@@ -22,12 +22,20 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from services.common import metrics
-from services.common.jetstream import stream_sequence
+from services.common.jetstream import delivery_sequence, stream_sequence
 
 log = structlog.get_logger(__name__)
 
 Batch = Sequence[tuple[int, bytes]]
 Park = Callable[[int, bytes, str], Awaitable[None]]
+
+
+class Reposition(Exception):
+    """The consumer must start again from the checkpoint: deliveries were lost on the way (after a
+    reconnect the server counts them as delivered; acknowledging later ones would acknowledge
+    them too), or the projection found a gap. Retrying the same batch would never fill it."""
+
+
 POISON_ATTEMPTS = 3  # tries of an event alone before it is parked
 
 
@@ -58,6 +66,11 @@ async def follow(
             await _follow_once(js, name, stream, subject, checkpoint, apply, stop, transient, pause, batch_size, park)
         except asyncio.CancelledError:
             raise
+        except Reposition as exc:
+            log.warning("consumer starts again from the checkpoint", consumer=name, reason=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+            continue
         except Exception:
             log.exception("consumer failed; restarting from the checkpoint", consumer=name, retry_in=delay)
             with contextlib.suppress(TimeoutError):
@@ -96,6 +109,7 @@ async def _follow_once(
     log.info("consuming", consumer=name, from_sequence=start)
     lock = pause or asyncio.Lock()
     applied, position = metrics.EVENTS_APPLIED.labels(consumer=name), metrics.CHECKPOINT.labels(consumer=name)
+    next_delivery = 1  # a new consumer delivers 1, 2, 3…
     try:
         while not stop.is_set():
             try:
@@ -104,6 +118,11 @@ async def _follow_once(
                 continue
             if not messages:  # a status message (a pull request expiring) carries no events
                 continue
+            for m in messages:
+                delivered = delivery_sequence(m)
+                if delivered != next_delivery:
+                    raise Reposition(f"deliveries {next_delivery}..{delivered - 1} did not arrive")
+                next_delivery = delivered + 1
             batch = [(stream_sequence(m), m.data) for m in messages]
             delay = 0.2
             while True:
@@ -111,6 +130,8 @@ async def _follow_once(
                     async with lock:
                         await apply(batch)
                     break
+                except Reposition:
+                    raise
                 except transient as exc:
                     # Keep the batch; tell the server we are still on it; try again.
                     log.warning("batch delayed", consumer=name, error=str(exc), first=batch[0][0], retry_in=delay)
@@ -149,6 +170,8 @@ async def _isolate(
             try:
                 await apply([(sequence, data)])
                 break
+            except Reposition:
+                raise
             except transient:
                 raise  # the database went away meanwhile: the caller starts over from the checkpoint
             except Exception as exc:

@@ -137,6 +137,15 @@ def stream_sequence(msg: Msg) -> int:
     return int(msg.metadata.sequence.stream)  # the longer form, with domain and account
 
 
+def delivery_sequence(msg: Msg) -> int:
+    """The consumer's delivery sequence of the message: 1, 2, 3… for a new consumer; a jump
+    means deliveries were lost on the way (a connection dropped with messages in flight)."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:
+        return int(tokens[6])
+    return int(msg.metadata.sequence.consumer)
+
+
 async def read_all(
     js: JetStreamContext, stream: str, subject: str, batch_size: int = 5000, idle_timeout: float = 30.0
 ) -> AsyncIterator[list[tuple[int, bytes]]]:

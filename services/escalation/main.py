@@ -53,31 +53,93 @@ async def follow(
 
     A pull consumer without acks: escalation's state is rebuilt from the stream at every start,
     and pulling means a slow judge is never outrun (a push consumer would drop messages).
+    The consumer is ephemeral: when it is lost (a NATS restart, its cluster node gone) or
+    delivers out of order, reading resumes after the last event handled, never folding one twice.
     """
-    info = await js.stream_info(EVENTS_STREAM)
-    backlog_end = int(info.state.last_seq)
-    if backlog_end == 0:
-        caught_up.set()
-        await service.judge()
+    position = _Position()
+    backlog_end: int | None = None
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            if backlog_end is None:
+                backlog_end = int((await js.stream_info(EVENTS_STREAM)).state.last_seq)
+                if backlog_end == 0:
+                    caught_up.set()
+                    await _judge(service)
+            await _follow_from(js, service, stop, caught_up, backlog_end, position)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Without this the task died unseen (readiness stayed 200) and escalation stopped
+            # following the stream when a NATS node was lost.
+            log.exception("escalation stopped reading the stream; resuming", after=position.last, retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 10.0)
+
+
+async def _judge(service: EscalationService, keys: set[tuple[str, str]] | None = None) -> None:
+    """Judge now; a failure (NATS unreachable while appending) is logged and the next tick retries."""
+    try:
+        await service.judge(keys)
+    except Exception:
+        log.exception("judging failed; the next tick judges again")
+
+
+class _Position:
+    """The last stream sequence escalation has handled (folded in or parked)."""
+
+    last = 0
+
+
+class _Gap(Exception):
+    """The consumer skipped events (delivered and lost with a connection): read again from the gap."""
+
+
+IDLE_CHECK_SECONDS = 5.0  # how often an idle reader makes sure its consumer still exists
+
+
+async def _follow_from(
+    js: JetStreamContext,
+    service: EscalationService,
+    stop: asyncio.Event,
+    caught_up: asyncio.Event,
+    backlog_end: int,
+    position: _Position,
+) -> None:
     sub = await js.pull_subscribe(
         EVENTS_ALL,
         stream=EVENTS_STREAM,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60),
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=position.last + 1,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=60,
+        ),
     )
-    last = 0
+    loop = asyncio.get_running_loop()
+    idle_since = loop.time()
     try:
         while not stop.is_set():
             try:
                 messages = await sub.fetch(1000, timeout=0.5)
             except (NatsTimeoutError, TimeoutError):
+                if loop.time() - idle_since > IDLE_CHECK_SECONDS:
+                    await sub.consumer_info()  # raises when the consumer is gone: subscribe again
+                    idle_since = loop.time()
                 continue
+            idle_since = loop.time()
             touched: set[tuple[str, str]] = set()
-            metrics.EVENTS_APPLIED.labels(consumer="escalation").inc(len(messages))
+            gap: _Gap | None = None
             for msg in messages:
                 sequence = msg.metadata.sequence.stream
-                if sequence != last + 1:
-                    log.error("escalation saw a gap in the stream", expected=last + 1, got=sequence)
-                last = sequence
+                if sequence <= position.last:
+                    continue  # delivered again after a reconnect: folded in already
+                if sequence != position.last + 1:
+                    gap = _Gap(f"expected stream sequence {position.last + 1}, got {sequence}")
+                    break
+                position.last = sequence
+                metrics.EVENTS_APPLIED.labels(consumer="escalation").inc()
                 try:
                     key = service.observe(sequence, decode_event(msg.data))
                 except Exception as exc:  # not judged on; kept for ops, tried again at the next start
@@ -85,14 +147,15 @@ async def follow(
                     continue
                 if key is not None:
                     touched.add(key)
-            metrics.CHECKPOINT.labels(consumer="escalation").set(last)
+            metrics.CHECKPOINT.labels(consumer="escalation").set(position.last)
             if not caught_up.is_set():
-                if last >= backlog_end:
+                if position.last >= backlog_end:
                     caught_up.set()
-                    await service.judge()  # everything, once, after the backlog
-                continue
-            if touched:
-                await service.judge(touched)
+                    await _judge(service)  # everything, once, after the backlog
+            elif touched:
+                await _judge(service, touched)
+            if gap is not None:
+                raise gap
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()

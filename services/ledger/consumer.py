@@ -21,7 +21,7 @@ from contracts.subjects import EVENTS_ALL, EVENTS_STREAM
 from services.common.consumer import Batch, follow
 from services.common.jetstream import read_all
 from services.common.postgres import TRANSIENT_ERRORS
-from services.ledger.projection import GapError, LedgerProjection, StoredMessage
+from services.ledger.projection import LedgerProjection, StoredMessage
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +49,7 @@ async def supervise_live(
         checkpoint=projection.checkpoint,
         apply=apply,
         stop=stop,
-        transient=(*TRANSIENT_ERRORS, GapError),
+        transient=TRANSIENT_ERRORS,  # a GapError makes the consumer start again from the checkpoint
         pause=pause,
         batch_size=FETCH_BATCH,
         park=projection.park,

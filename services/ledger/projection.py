@@ -31,6 +31,7 @@ from contracts.events import EventEnvelope, decode_event
 from contracts.facts import CountyFacts, apply, fold, new_facts
 from contracts.programme import Programme
 from contracts.replies import ParkedEvent, ReplayParkedReport, parked_event
+from services.common.consumer import Reposition
 from services.common.postgres import Connection
 
 log = structlog.get_logger(__name__)
@@ -388,7 +389,7 @@ async def _insert_parked(conn: Connection, sequence: int, data: bytes, reason: s
     )
 
 
-class GapError(RuntimeError):
+class GapError(Reposition):
     def __init__(self, checkpoint: int, first: int) -> None:
         super().__init__(f"events {checkpoint + 1}..{first - 1} not applied yet; got {first}")
         self.checkpoint = checkpoint

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import asyncpg
 import msgspec
@@ -233,8 +233,8 @@ class Notifier:
         after = next_step(
             msgspec.structs.replace(state, attempts=attempts), result, now, self._settings, self._directory
         )
-        async with self._pool.acquire() as conn, conn.transaction():
 
+        async def write(conn: Connection) -> None:
             async def finish(state: str, at: dt.datetime | None = None) -> None:
                 sent = state == "sent"
                 await outbox.record_outcome(
@@ -300,6 +300,26 @@ class Notifier:
                         )
                 elif isinstance(after, GiveUp):
                     log.warning("notification given up", recipient=message.recipient_id, reason=after.reason)
+
+        await self._write_outcome(write, message.message_id)
+
+    async def _write_outcome(self, write: Callable[[Connection], Awaitable[None]], message_id: str) -> None:
+        """Write a send's outcome, waiting (within half the lease) for a PostgreSQL that is briefly
+        away: given up, the row's lease runs out and a message already sent is sent again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + outbox.LEASE.total_seconds() / 2
+        delay = 0.2
+        while True:
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await write(conn)  # idempotent: a commit whose answer was lost changes nothing again
+                return
+            except Exception as exc:  # also asyncpg's InternalClientError on a connection broken mid-query
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning("outcome not written yet; retrying", message_id=message_id, error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _fold_into_digest(self, row: outbox.OutboxRow, step: Digest, now: dt.datetime) -> None:
         """Over budget: this message joins the recipient's digest for the day instead of being lost."""

@@ -1,0 +1,138 @@
+"""A three-node NATS cluster on loopback, the event streams at R3 (``DUBAN_STREAM_REPLICAS=3``),
+the services given all three URLs: the DUBAN_EVENTS stream's leader node is killed under county
+load and brought back. Nothing lost, nothing stored twice, the services carry on by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+import pytest_asyncio
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JsError
+
+from contracts.subjects import EVENTS_STREAM
+from services.common.embedded import EmbeddedNats, NatsClusterConfig, free_port
+from tests.faults.procs import tail
+from tests.faults.report import FaultReport, Profile
+from tests.faults.scenario import Scenario, time_bound
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(time_bound(300))]
+NODES = 3
+
+
+async def _wait_for_jetstream(urls: list[str], timeout: float = 30.0) -> None:
+    """Until the cluster has elected its meta leader (JetStream requests go unanswered before)."""
+    nc = await nats.connect(urls, connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=1.0)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await js.account_info()
+                return
+            except (JsError, NatsError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[EmbeddedNats]]:
+    root = tmp_path_factory.mktemp("faults-cluster")
+    route_ports = [free_port() for _ in range(NODES)]
+    routes = [NatsClusterConfig.route_url(p) for p in route_ports]
+    nodes = [
+        EmbeddedNats(
+            root / f"n{i}",
+            server_name=f"n{i}",
+            cluster=NatsClusterConfig(port=route_ports[i], routes=routes, name="duban-faults"),
+        )
+        for i in range(NODES)
+    ]
+    try:
+        await asyncio.gather(*(n.start() for n in nodes))
+        await _wait_for_jetstream([n.url for n in nodes])
+        yield nodes
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
+
+
+def _describe(nodes: list[EmbeddedNats]) -> str:
+    return "\n".join(f"--- {n.server_name} log (running: {n.running}) ---\n{tail(n.log_path, 12)}" for n in nodes)
+
+
+async def _stream_leader(sc: Scenario, timeout: float = 30.0, not_: str | None = None) -> str:
+    """The server name of DUBAN_EVENTS' leader (another than ``not_``), once there is one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = await sc.nc.jetstream(timeout=2.0).stream_info(EVENTS_STREAM)
+            leader = info.cluster.leader if info.cluster else None
+            if leader and leader != not_:
+                return leader
+        except (JsError, NatsError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"DUBAN_EVENTS has no leader (other than {not_}) after {timeout:g} s\n{sc.describe()}")
+        await asyncio.sleep(0.2)
+
+
+async def _replicas_current(sc: Scenario, timeout: float = 60.0) -> None:
+    """Until all three replicas of DUBAN_EVENTS are current again."""
+    deadline = time.monotonic() + timeout
+    state = "no answer"
+    while True:
+        try:
+            info = await sc.nc.jetstream(timeout=2.0).stream_info(EVENTS_STREAM)
+            replicas = (info.cluster.replicas or []) if info.cluster else []
+            state = ", ".join(f"{r.name} current={r.current} offline={r.offline}" for r in replicas)
+            leader = info.cluster.leader if info.cluster else None
+            if leader and len(replicas) == NODES - 1 and all(r.current and not r.offline for r in replicas):
+                return
+        except (JsError, NatsError, TimeoutError) as exc:
+            state = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"DUBAN_EVENTS replicas not current after {timeout:g} s: {state}\n{sc.describe()}")
+        await asyncio.sleep(0.2)
+
+
+async def test_stream_leader_killed_under_load(
+    cluster: list[EmbeddedNats], fresh_database: str, tmp_path: Path, profile: Profile, fault_report: FaultReport
+) -> None:
+    async with Scenario(
+        tmp_path,
+        nats_urls=[n.url for n in cluster],
+        database_url=fresh_database,
+        profile=profile,
+        report=fault_report,
+        extra_env={"DUBAN_STREAM_REPLICAS": str(NODES)},
+        describe_infra=lambda: _describe(cluster),
+    ) as sc:
+        await sc.start()
+        info = await sc.js.stream_info(EVENTS_STREAM)
+        assert info.config.num_replicas == NODES, f"DUBAN_EVENTS has {info.config.num_replicas} replicas"
+        await sc.phase()
+
+        leader = await _stream_leader(sc)
+        node = next(n for n in cluster if n.server_name == leader)
+        await node.kill()
+        sc.injected("kill -9 DUBAN_EVENTS leader node")
+        new_leader = await _stream_leader(sc, not_=leader)
+        await sc.phase()  # the load goes on with one node down
+
+        await node.start()
+        sc.injected("start the killed node again")
+        await _replicas_current(sc)
+        await sc.phase()
+        await sc.finish()
+        for process in sc.services:
+            assert process.starts == 1, f"{process.name} had to be restarted\n{sc.describe()}"
+        print(f"DUBAN_EVENTS leader {leader} killed; {new_leader} took over")
