@@ -60,6 +60,7 @@ class Leadership:
         self.ttl = ttl
         self._replicas = replicas
         self.active = asyncio.Event()  # set while this instance leads
+        self.standing_by = asyncio.Event()  # set while another instance leads
 
     async def run(self, stop: asyncio.Event, lead: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
         """Until ``stop``: be elected, then ``await lead(until)`` where ``until`` is set when the lease
@@ -104,8 +105,11 @@ class Leadership:
         announced = False
         while not stop.is_set():
             try:
-                return await kv.create(self.role, self.instance.encode())
+                revision = await kv.create(self.role, self.instance.encode())
+                self.standing_by.clear()
+                return revision
             except KeyWrongLastSequenceError:
+                self.standing_by.set()
                 if not announced:
                     log.info("standing by: another instance is active", role=self.role, instance=self.instance)
                     announced = True

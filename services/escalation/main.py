@@ -37,6 +37,7 @@ from contracts.subjects import EVENTS_ALL, EVENTS_STREAM
 from services.common import metrics
 from services.common.clock import Clock
 from services.common.jetstream import ensure_streams
+from services.common.leader import Leadership, either
 from services.common.micro import MicroService, json_endpoint, start_micro
 from services.common.runtime import Runtime, load_policy_and_calendar
 from services.escalation.ladder import Judge
@@ -236,19 +237,43 @@ async def run(
         policy, calendar = load_policy_and_calendar(runtime.settings)
         judges = {p.id: Judge(p, {policy.version: policy}, policy, calendar) for p in runtime.programmes.values()}
         service = EscalationService(js, judges, clock)
+        service.active = False  # until elected: a standby folds the stream and judges nothing
         caught_up = asyncio.Event()
-        micro = await start_service(nc, service, clock, version("duban"), caught_up)
-        tasks = [
-            asyncio.create_task(follow(js, service, stop, caught_up)),
-            asyncio.create_task(tick_forever(service, stop, caught_up, tick_seconds)),
+        serving = asyncio.Event()  # elected, caught up, and answering the operators
+        follower = asyncio.create_task(follow(js, service, stop, caught_up))
+
+        async def lead(until: asyncio.Event) -> None:
+            await caught_up.wait()
+            service.active = True
+            try:
+                await service.judge()  # whatever fell due while another instance was active
+                micro = await start_service(nc, service, clock, version("duban"), caught_up)
+                serving.set()
+                log.info(
+                    "escalation serving", policy=policy.version, roll_rest_day_deadlines=policy.roll_rest_day_deadlines
+                )
+                await tick_forever(service, until, caught_up, tick_seconds)
+                await micro.stop()
+            finally:
+                serving.clear()
+                service.active = False
+
+        # One instance judges and answers the operators; the others fold the stream, standing by.
+        leadership = Leadership(js, "escalation", replicas=runtime.settings.stream_replicas)
+        leading = asyncio.create_task(leadership.run(stop, lead))
+        await either(caught_up, stop)
+        waits = [
+            asyncio.ensure_future(w) for w in (leadership.active.wait(), leadership.standing_by.wait(), stop.wait())
         ]
-        await caught_up.wait()
-        log.info("escalation serving", policy=policy.version, roll_rest_day_deadlines=policy.roll_rest_day_deadlines)
+        await asyncio.wait([*waits, leading], return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if leading.done():
+            leading.result()  # raises what stopped it
         if ready is not None:
             ready.set()
         await stop.wait()
-        await asyncio.gather(*tasks)
-        await micro.stop()
+        await asyncio.gather(follower, leading)
     finally:
         with contextlib.suppress(Exception):
             await nc.drain()

@@ -66,6 +66,7 @@ class EscalationService:
         self._appended: set[str] = set()  # action ids appended and not yet seen back
         self._lock = asyncio.Lock()
         self.observed_sequence = 0  # the last stream sequence folded in
+        self.active = True  # False while another instance is active (services/common/leader.py)
         self.parked: list[ParkedEvent] = []  # events it could not fold (kept in memory: refolded at start)
 
     # -- following the stream ------------------------------------------------------------------
@@ -106,7 +107,12 @@ class EscalationService:
         return self._clock.now().astimezone(ZoneInfo(programme.programme.timezone)).date()
 
     async def judge(self, keys: Iterable[Key] | None = None) -> int:
-        """Judge the given counties (all: every county of every programme) now; returns new actions."""
+        """Judge the given counties (all: every county of every programme) now; returns new actions.
+
+        Only the active instance judges (``active``); a standby only folds the stream, ready to
+        take over."""
+        if not self.active:
+            return 0
         async with self._lock:
             with metrics.JUDGE_SECONDS.time():
                 return await self._judge(keys)
