@@ -101,6 +101,16 @@ async def start_service(url: str, clock: SimulatedClock) -> tuple[MicroService, 
     return await start(nc, service), nc
 
 
+async def wait_serving(client: NatsClient, micro: MicroService) -> None:
+    """Until the service answers the service protocol as the client sees the server (a rare
+    no-responders right after start otherwise)."""
+    for _ in range(50):
+        with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            await client.request(f"$SRV.PING.duban-submissions.{micro.service.id}", b"", timeout=0.5)
+            return
+        await asyncio.sleep(0.02)
+
+
 async def reset_streams(js: JetStreamContext) -> None:
     """Empty streams for a test: delete them (consumers go with them) and declare them anew."""
     for stream in (EVENTS_STREAM, REFUSALS_STREAM):
@@ -123,6 +133,7 @@ async def harness(nats_url: str) -> AsyncIterator[Harness]:
     await reset_streams(js)  # every test starts from empty streams
     clock = SimulatedClock(NOW)
     micro, service_nc = await start_service(nats_url, clock)
+    await wait_serving(nc, micro)
     try:
         yield Harness(nc, js, clock, PROGRAMME)
     finally:

@@ -246,7 +246,10 @@ async def run(
             await caught_up.wait()
             service.active = True
             try:
-                await service.judge()  # whatever fell due while another instance was active
+                try:
+                    await service.judge()  # whatever fell due while another instance was active
+                except Exception:
+                    log.exception("judging on election failed; the next tick retries")
                 micro = await start_service(nc, service, clock, version("duban"), caught_up)
                 serving.set()
                 log.info(
