@@ -80,8 +80,17 @@ class Leadership:
                 until.set()
                 self.active.clear()
                 await asyncio.gather(work, return_exceptions=True)
-            if work.done() and not work.cancelled() and work.exception() is not None:
-                raise work.exception()  # type: ignore[misc]
+            failed = work.done() and not work.cancelled() and work.exception() is not None
+            if failed:
+                # The work broke (a bug, or NATS gone at the wrong moment): hand the lease over and
+                # stand again after a pause, rather than sit elected and idle.
+                log.error("active work failed; handing over", role=self.role, error=repr(work.exception()))
+                with contextlib.suppress(NatsError, KeyWrongLastSequenceError):
+                    if revision:
+                        await kv.delete(self.role, last=revision)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.ttl)
+                continue
             if stop.is_set() and revision:
                 with contextlib.suppress(NatsError, KeyWrongLastSequenceError):
                     await kv.delete(self.role, last=revision)  # hand over at once
