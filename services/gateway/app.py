@@ -495,6 +495,9 @@ def create_app(gateway: Gateway | None = None) -> FastAPI:
             msg = await gateway.request(subject, body, caller)
             failed: str | None = msg.headers.get(SERVICE_ERROR_HEADER)
             if failed:
+                if not msg.body:  # the service failed before writing its error: say so in our own shape
+                    log.warning("ledger query failed without an answer", subject=subject, error=failed)
+                    raise _unavailable(f"the ledger failed: {msg.headers.get('Nats-Service-Error', failed)}")
                 status = int(failed) if failed.isdigit() and 400 <= int(failed) < 500 else 503
                 return Response(msg.body, status_code=status, media_type="application/json")
             return Response(msg.body, status_code=200, media_type="application/json")
