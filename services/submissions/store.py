@@ -9,13 +9,16 @@ carries ``Nats-Msg-Id`` = its deterministic event id, so a retried append is sto
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 
 import msgspec
 import structlog
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -46,6 +49,19 @@ class AppendUncertain(Exception):
     """No answer in time: the events may or may not be stored. Reload before deciding again."""
 
 
+def _apply_stored(record: CountyRecord, msg: Msg) -> None:
+    sequence = msg.metadata.sequence.stream
+    try:
+        envelope = decode_event(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # Not a fact we wrote (only services may publish here): skip it, loudly; the
+        # projections park it for ops to see.
+        log.error("stored event skipped: cannot decode", stream_sequence=sequence, error=str(exc))
+        record.last_sequence = max(record.last_sequence, sequence)
+        return
+    record.apply(envelope, sequence)
+
+
 class EventStore:
     def __init__(self, nc: NatsClient, js: JetStreamContext, timeout: float = 5.0) -> None:
         self._nc = nc
@@ -53,7 +69,12 @@ class EventStore:
         self._timeout = timeout
 
     async def catch_up(self, record: CountyRecord) -> CountyRecord:
-        """Apply the aggregate's events stored after ``record.last_sequence``."""
+        """Apply the aggregate's events stored after ``record.last_sequence``.
+
+        An ordered consumer whose callback folds each event in as it arrives. (Reading with
+        ``next_msg`` costs a task and a timer per message: a fresh record caught up at about a
+        third of the rate the stream can be read.) Raises nats' TimeoutError when nothing
+        arrives for ``timeout`` seconds."""
         subject = aggregate_subject(record.programme_id, record.county_code)
         try:
             last = await self._js.get_last_msg(EVENTS_STREAM, subject)
@@ -62,6 +83,21 @@ class EventStore:
         last_seq = int(last.seq or 0)
         if last_seq <= record.last_sequence:
             return record
+        reached = asyncio.Event()
+        failure: list[BaseException] = []
+
+        async def on_msg(msg: Msg) -> None:
+            if reached.is_set():
+                return  # appended after we looked: the caller's append check sees it
+            try:
+                _apply_stored(record, msg)
+            except Exception as exc:  # not lost in nats-py's error callback: raised below
+                failure.append(exc)
+                reached.set()
+                return
+            if record.last_sequence >= last_seq:
+                reached.set()
+
         sub = await self._js.subscribe(
             subject,
             ordered_consumer=True,
@@ -69,22 +105,19 @@ class EventStore:
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=record.last_sequence + 1,
             ),
+            cb=on_msg,
         )
         try:
-            while record.last_sequence < last_seq:
-                msg = await sub.next_msg(timeout=self._timeout)
-                sequence = msg.metadata.sequence.stream
-                try:
-                    envelope = decode_event(msg.data)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    # Not a fact we wrote (only services may publish here): skip it, loudly; the
-                    # projections park it for ops to see.
-                    log.error("stored event skipped: cannot decode", stream_sequence=sequence, error=str(exc))
-                    record.last_sequence = sequence
-                    continue
-                record.apply(envelope, sequence)
+            while not reached.is_set():
+                before = record.last_sequence
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reached.wait(), self._timeout)
+                if not reached.is_set() and record.last_sequence == before:
+                    raise NatsTimeoutError
         finally:
             await sub.unsubscribe()
+        if failure:
+            raise failure[0]
         return record
 
     async def append(self, record: CountyRecord, events: list[EventEnvelope]) -> list[int]:
