@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,3 +140,26 @@ async def harness(nats_url: str) -> AsyncIterator[Harness]:
         await micro.stop()
         await service_nc.close()
         await nc.close()
+
+
+STARTUP = 20.0  # seconds a service may take to get ready
+
+
+async def start_task(
+    name: str, run: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, None]]
+) -> tuple[asyncio.Task[None], asyncio.Event]:
+    """Start a service's ``run(stop, ready)``; returns once it is ready (or raises what stopped it)."""
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run(stop, ready), name=name)
+    waiting = asyncio.create_task(ready.wait())
+    await asyncio.wait([task, waiting], timeout=STARTUP, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if task.done():
+        task.result()
+    assert ready.is_set(), f"{name} not ready within {STARTUP} s"
+    return task, stop
+
+
+async def stop_task(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()
+    await asyncio.wait_for(task, 15)

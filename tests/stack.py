@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from nats.aio.client import Client as NatsClient
 
 from contracts.programme import load_default_programme
 from services.common.clock import SimulatedClock
+from services.common.embedded import free_port
 from services.common.opshttp import Readiness
 from services.common.runtime import Runtime
 from services.common.settings import Settings
@@ -23,12 +23,6 @@ from services.common.supervisor import SERVICES, run_services, service_runners
 from tests.harness import reset_streams
 
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

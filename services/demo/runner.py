@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import mailbox
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -58,6 +57,7 @@ from contracts.programme import Programme, load_default_programme
 from contracts.replies import Accepted, decode_reply
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, submit_subject
 from services.common.clock import SimulatedClock
+from services.common.embedded import free_port
 from services.common.opshttp import Readiness
 from services.common.runtime import Runtime, infrastructure
 from services.common.settings import Settings
@@ -126,12 +126,6 @@ class DemoSummary:
 
     def to_json(self) -> bytes:
         return msgspec.json.format(msgspec.json.encode(self), indent=2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prepare_out_dir(out: Path) -> None:

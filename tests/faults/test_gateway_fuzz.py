@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,10 +50,9 @@ from schemathesis.specs.openapi.checks import (
 
 from contracts.commands import Role
 from contracts.replies import Accepted, decode_reply
-from contracts.subjects import EVENTS_STREAM, REFUSALS_STREAM
+from contracts.subjects import EVENTS_STREAM
 from services.common.clock import SimulatedClock
 from services.common.embedded import EmbeddedNats, free_port
-from services.common.jetstream import ensure_streams
 from services.common.natsauth import ensure_generated_passwords, load_password, render_server_auth, users_for
 from services.common.runtime import Runtime
 from services.common.settings import Settings
@@ -63,12 +62,11 @@ from services.gateway.tokens import TokenStore
 from services.ledger import main as ledger_main
 from services.submissions import main as submissions_main
 from tests.faults.report import PROFILE, REPORT
-from tests.harness import NOW, PROGRAMME
+from tests.harness import NOW, PROGRAMME, reset_streams, start_task, stop_task
 
 pytestmark = pytest.mark.integration
 
 OPENAPI = Path(__file__).resolve().parents[2] / "contracts" / "openapi.json"
-STARTUP = 20.0  # seconds a service may take to get ready
 HTTP = "http requests"
 COUNTY = "410928"
 T = TypeVar("T")
@@ -109,40 +107,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-async def start_task(
-    name: str, run: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, None]]
-) -> tuple[asyncio.Task[None], asyncio.Event]:
-    """Start a service's ``run``; returns once it is ready (or raises what stopped it)."""
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run(stop, ready), name=name)
-    waiting = asyncio.create_task(ready.wait())
-    await asyncio.wait([task, waiting], timeout=STARTUP, return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-    if task.done():
-        task.result()
-    assert ready.is_set(), f"{name} not ready within {STARTUP} s"
-    return task, stop
-
-
-async def stop_task(task: asyncio.Task[None], stop: asyncio.Event) -> None:
-    stop.set()
-    await asyncio.wait_for(task, 15)
-
-
-async def fresh_streams(js: JetStreamContext) -> None:
-    for stream in (EVENTS_STREAM, REFUSALS_STREAM):
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(stream)
-    for attempt in range(50):  # the server removes a deleted stream's files asynchronously
-        try:
-            await ensure_streams(js)
-            return
-        except nats.js.errors.ServerError:
-            if attempt == 49:
-                raise
-            await asyncio.sleep(0.05)
-
-
 @dataclass
 class GatewayStack:
     """The gateway (and the submissions service, and the ledger when asked) on fresh streams."""
@@ -175,7 +139,7 @@ async def gateway_stack(
     url = secured.server.url
     ops = await nats.connect(url, user="ops", password=secured.password("ops"))
     js = ops.jetstream()
-    await fresh_streams(js)
+    await reset_streams(js)
     runtime = Runtime(Settings(state_dir=secured.base), {PROGRAMME.id: PROGRAMME}, url, database_url)
     clock = SimulatedClock(NOW)
     port = free_port()

@@ -10,63 +10,24 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
 import pytest_asyncio
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JsError
 
 from contracts.subjects import EVENTS_STREAM
-from services.common.embedded import EmbeddedNats, NatsClusterConfig, free_port
-from tests.faults.procs import tail
+from services.common.embedded import EmbeddedNats
+from tests.faults.cluster import NODES, describe, loopback_cluster
 from tests.faults.report import FaultReport, Profile
 from tests.faults.scenario import Scenario, time_bound
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(time_bound(300))]
-NODES = 3
-
-
-async def _wait_for_jetstream(urls: list[str], timeout: float = 30.0) -> None:
-    """Until the cluster has elected its meta leader (JetStream requests go unanswered before)."""
-    nc = await nats.connect(urls, connect_timeout=2)
-    try:
-        js = nc.jetstream(timeout=1.0)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                await js.account_info()
-                return
-            except (JsError, NatsError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-    finally:
-        await nc.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[EmbeddedNats]]:
-    root = tmp_path_factory.mktemp("faults-cluster")
-    route_ports = [free_port() for _ in range(NODES)]
-    routes = [NatsClusterConfig.route_url(p) for p in route_ports]
-    nodes = [
-        EmbeddedNats(
-            root / f"n{i}",
-            server_name=f"n{i}",
-            cluster=NatsClusterConfig(port=route_ports[i], routes=routes, name="duban-faults"),
-        )
-        for i in range(NODES)
-    ]
-    try:
-        await asyncio.gather(*(n.start() for n in nodes))
-        await _wait_for_jetstream([n.url for n in nodes])
+    async with loopback_cluster(tmp_path_factory.mktemp("faults-cluster"), "duban-faults") as nodes:
         yield nodes
-    finally:
-        await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
-
-
-def _describe(nodes: list[EmbeddedNats]) -> str:
-    return "\n".join(f"--- {n.server_name} log (running: {n.running}) ---\n{tail(n.log_path, 12)}" for n in nodes)
 
 
 async def _stream_leader(sc: Scenario, timeout: float = 30.0, not_: str | None = None) -> str:
@@ -114,7 +75,7 @@ async def test_stream_leader_killed_under_load(
         profile=profile,
         report=fault_report,
         extra_env={"DUBAN_STREAM_REPLICAS": str(NODES)},
-        describe_infra=lambda: _describe(cluster),
+        describe_infra=lambda: describe(cluster),
     ) as sc:
         await sc.start()
         info = await sc.js.stream_info(EVENTS_STREAM)

@@ -42,17 +42,17 @@ from nats.js.kv import KeyValue
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.subjects import EVENTS_STREAM
-from services.common.embedded import EmbeddedNats, NatsClusterConfig, free_port
+from services.common.embedded import EmbeddedNats
 from services.common.leader import DEFAULT_TTL, LEADERS_BUCKET
 from services.common.supervisor import SERVICES
+from tests.faults.cluster import NODES, describe, loopback_cluster
 from tests.faults.load import CountyClient
-from tests.faults.procs import DUBAN, ServiceProcess, Services, tail
+from tests.faults.procs import DUBAN, ServiceProcess, Services
 from tests.faults.report import FaultReport, Profile
 from tests.faults.scenario import Scenario, time_bound
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(time_bound(240))]
 
-NODES = 3
 SINGLE_ACTIVE = ("ledger", "escalation", "notifier")  # one active instance each, the other on standby
 TAKEOVER_BOUND = 2 * DEFAULT_TTL  # the lease expires within a TTL; the standby asks every TTL / 3
 ELECTED = "elected: this instance is active"
@@ -72,43 +72,10 @@ WORK_METRICS: dict[str, tuple[str, dict[str, str]]] = {
 # ---------------------------------------------------------------------------------------------
 
 
-async def _wait_for_jetstream(urls: list[str], timeout: float = 30.0) -> None:
-    """Until the cluster has elected its meta leader (JetStream requests go unanswered before)."""
-    nc = await nats.connect(urls, connect_timeout=2)
-    try:
-        js = nc.jetstream(timeout=1.0)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                await js.account_info()
-                return
-            except (JsError, NatsError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-    finally:
-        await nc.close()
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[list[EmbeddedNats]]:
-    root = tmp_path_factory.mktemp("faults-twins-cluster")
-    route_ports = [free_port() for _ in range(NODES)]
-    routes = [NatsClusterConfig.route_url(p) for p in route_ports]
-    nodes = [
-        EmbeddedNats(
-            root / f"n{i}",
-            server_name=f"n{i}",
-            cluster=NatsClusterConfig(port=route_ports[i], routes=routes, name="duban-twins"),
-        )
-        for i in range(NODES)
-    ]
-    try:
-        await asyncio.gather(*(n.start() for n in nodes))
-        await _wait_for_jetstream([n.url for n in nodes])
+    async with loopback_cluster(tmp_path_factory.mktemp("faults-twins-cluster"), "duban-twins") as nodes:
         yield nodes
-    finally:
-        await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,10 +304,6 @@ async def _post_through_each_node(sc: TwinScenario, cluster: list[EmbeddedNats],
 # ---------------------------------------------------------------------------------------------
 
 
-def _describe(nodes: list[EmbeddedNats]) -> str:
-    return "\n".join(f"--- {n.server_name} log (running: {n.running}) ---\n{tail(n.log_path, 8)}" for n in nodes)
-
-
 async def test_two_instances_of_every_service(
     cluster: list[EmbeddedNats], fresh_database: str, tmp_path: Path, profile: Profile, fault_report: FaultReport
 ) -> None:
@@ -351,7 +314,7 @@ async def test_two_instances_of_every_service(
         profile=profile,
         report=fault_report,
         extra_env={"DUBAN_STREAM_REPLICAS": str(NODES)},
-        describe_infra=lambda: _describe(cluster),
+        describe_infra=lambda: describe(cluster),
     ) as sc:
         timings: dict[str, float] = {}
         began = time.monotonic()

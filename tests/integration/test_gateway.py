@@ -12,8 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from contracts.events import ProgressReported
 from contracts.replies import Accepted, Refused, decode_reply
 from contracts.subjects import EVENTS_STREAM, REFUSALS_STREAM
 from services.common.clock import SimulatedClock
-from services.common.embedded import EmbeddedNats
+from services.common.embedded import EmbeddedNats, free_port
 from services.common.jetstream import ensure_streams
 from services.common.natsauth import ensure_generated_passwords, load_password, render_server_auth, users_for
 from services.common.runtime import Runtime
@@ -41,11 +40,9 @@ from services.gateway.main import GatewayConfig
 from services.gateway.tokens import TokenStore
 from services.ledger import main as ledger_main
 from services.submissions import main as submissions_main
-from tests.harness import NOW, PROGRAMME, Harness, new_id
+from tests.harness import NOW, PROGRAMME, Harness, new_id, start_task, stop_task
 
 pytestmark = pytest.mark.integration
-
-STARTUP = 20.0  # seconds a service may take to get ready
 
 
 @dataclass
@@ -70,32 +67,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(("DUBAN_NATS_PASSWORD_", "DUBAN_GATEWAY_")):
             monkeypatch.delenv(name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _start(
-    name: str, run: Callable[[asyncio.Event, asyncio.Event], Coroutine[Any, Any, None]]
-) -> tuple[asyncio.Task[None], asyncio.Event]:
-    """Start a service's ``run``; returns once it is ready (or raises what stopped it)."""
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run(stop, ready), name=name)
-    waiting = asyncio.create_task(ready.wait())
-    await asyncio.wait([task, waiting], timeout=STARTUP, return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-    if task.done():
-        task.result()
-    assert ready.is_set(), f"{name} not ready within {STARTUP} s"
-    return task, stop
-
-
-async def _stop(task: asyncio.Task[None], stop: asyncio.Event) -> None:
-    stop.set()
-    await asyncio.wait_for(task, 15)
 
 
 @dataclass
@@ -191,13 +162,15 @@ async def stack(secured: Secured, gateway_rate: str, tmp_path: Path) -> AsyncIte
     clock = SimulatedClock(NOW)
     running: list[tuple[asyncio.Task[None], asyncio.Event]] = []
     tokens_file = tmp_path / "gateway" / "tokens.json"
-    port = _free_port()
+    port = free_port()
     config = GatewayConfig(tokens_file=tokens_file, rate=gateway_rate, timeout=2.0)
     try:
-        submissions = await _start("submissions", lambda stop, ready: submissions_main.run(runtime, clock, stop, ready))
+        submissions = await start_task(
+            "submissions", lambda stop, ready: submissions_main.run(runtime, clock, stop, ready)
+        )
         running.append(submissions)
         running.append(
-            await _start(
+            await start_task(
                 "gateway",
                 lambda stop, ready: gateway_main.run(runtime, clock, stop, ready, "127.0.0.1", port, config=config),
             )
@@ -210,12 +183,12 @@ async def stack(secured: Secured, gateway_rate: str, tmp_path: Path) -> AsyncIte
                 runtime,
                 forwarded,
                 messages,
-                {"submissions": lambda: _stop(*submissions)},
+                {"submissions": lambda: stop_task(*submissions)},
             )
     finally:
         for task, stop in reversed(running):
             if not task.done():
-                await _stop(task, stop)
+                await stop_task(task, stop)
         await ops.close()
 
 
@@ -223,11 +196,11 @@ async def stack(secured: Secured, gateway_rate: str, tmp_path: Path) -> AsyncIte
 async def ledger(stack: Stack, fresh_database: str) -> AsyncIterator[None]:
     runtime = Runtime(stack.runtime.settings, stack.runtime.programmes, stack.runtime.nats_url, fresh_database)
     clock = SimulatedClock(NOW)
-    task, stop = await _start("ledger", lambda stop, ready: ledger_main.run(runtime, clock, stop, ready))
+    task, stop = await start_task("ledger", lambda stop, ready: ledger_main.run(runtime, clock, stop, ready))
     try:
         yield
     finally:
-        await _stop(task, stop)
+        await stop_task(task, stop)
 
 
 # -- submissions ---------------------------------------------------------------------------------

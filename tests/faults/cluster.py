@@ -1,0 +1,60 @@
+"""A three-node NATS cluster on loopback for the fault tests (each test module its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import nats
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JsError
+
+from services.common.embedded import EmbeddedNats, NatsClusterConfig, free_port
+from tests.faults.procs import tail
+
+NODES = 3
+
+
+async def wait_for_jetstream(urls: list[str], timeout: float = 30.0) -> None:
+    """Until the cluster has elected its meta leader (JetStream requests go unanswered before)."""
+    nc = await nats.connect(urls, connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=1.0)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await js.account_info()
+                return
+            except (JsError, NatsError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+@asynccontextmanager
+async def loopback_cluster(root: Path, name: str) -> AsyncIterator[list[EmbeddedNats]]:
+    route_ports = [free_port() for _ in range(NODES)]
+    routes = [NatsClusterConfig.route_url(p) for p in route_ports]
+    nodes = [
+        EmbeddedNats(
+            root / f"n{i}",
+            server_name=f"n{i}",
+            cluster=NatsClusterConfig(port=route_ports[i], routes=routes, name=name),
+        )
+        for i in range(NODES)
+    ]
+    try:
+        await asyncio.gather(*(n.start() for n in nodes))
+        await wait_for_jetstream([n.url for n in nodes])
+        yield nodes
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
+
+
+def describe(nodes: list[EmbeddedNats]) -> str:
+    return "\n".join(f"--- {n.server_name} log (running: {n.running}) ---\n{tail(n.log_path, 12)}" for n in nodes)
