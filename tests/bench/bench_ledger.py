@@ -92,7 +92,7 @@ from services.common.jetstream import ensure_streams  # noqa: E402
 from services.common.postgres import create_pool  # noqa: E402
 from services.ledger.consumer import read_stream, supervise_live  # noqa: E402
 from services.ledger.projection import READ_MODEL_TABLES, LedgerProjection, StoredMessage, migrate  # noqa: E402
-from tests.bench.synthetic import synthetic_programme  # noqa: E402
+from tests.bench.synthetic import print_results, synthetic_programme  # noqa: E402
 
 CST = dt.timezone(dt.timedelta(hours=8))
 PROGRAMME_START = dt.datetime(2017, 3, 1, 9, 0, tzinfo=CST)
@@ -1335,12 +1335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     results = asyncio.run(bench(args))
-    print(render_table(results))
-    text = json.dumps(results, ensure_ascii=False, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
-    print("\nJSON:")
-    print(text)
+    print_results(render_table(results), results, args.json)
     return 0
 
 

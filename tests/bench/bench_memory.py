@@ -75,7 +75,7 @@ from nats.aio.client import Client as NatsClient  # noqa: E402
 from contracts.subjects import EVENTS_STREAM, submit_subject  # noqa: E402
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from services.common.jetstream import ensure_streams  # noqa: E402
-from tests.bench.synthetic import synthetic_programme  # noqa: E402
+from tests.bench.synthetic import print_results, synthetic_programme  # noqa: E402
 
 SELF = str(Path(__file__).resolve())
 GOAL_MB = 200.0  # peak RSS per service process, in MB (10^6 bytes)
@@ -622,12 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     results = asyncio.run(bench(args))
-    print(render_table(results))
-    text = json.dumps(results, ensure_ascii=False, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
-    print("\nJSON:")
-    print(text)
+    print_results(render_table(results), results, args.json)
     return 0
 
 

@@ -92,7 +92,7 @@ from services.notifier.channels.file import FileChannel  # noqa: E402
 from services.notifier.channels.smtp import SmtpChannel, build_email  # noqa: E402
 from services.notifier.delivery import NotifierSettings  # noqa: E402
 from services.notifier.service import Notifier  # noqa: E402
-from tests.bench.synthetic import synthetic_programme  # noqa: E402
+from tests.bench.synthetic import print_results, synthetic_programme  # noqa: E402
 
 SELF = str(Path(__file__).resolve())
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -974,12 +974,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = parse_args(argv)
     results = asyncio.run(bench(args))
-    print(render_table(results))
-    text = json.dumps(results, ensure_ascii=False, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
-    print("\nJSON:")
-    print(text)
+    print_results(render_table(results), results, args.json)
     return 0
 
 

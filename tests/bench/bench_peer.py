@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import platform
@@ -65,7 +64,7 @@ import structlog  # noqa: E402
 from contracts.subjects import submit_subject  # noqa: E402
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from services.common.jetstream import ensure_streams  # noqa: E402
-from tests.bench.synthetic import synthetic_programme  # noqa: E402
+from tests.bench.synthetic import print_results, synthetic_programme  # noqa: E402
 
 MISSING = (
     "bench_peer: the 'eventsourcing' library is not installed, so there is nothing to compare with.\n"
@@ -466,12 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     results = asyncio.run(bench(args))
-    print(render_table(results))
-    text = json.dumps(results, ensure_ascii=False, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
-    print("\nJSON:")
-    print(text)
+    print_results(render_table(results), results, args.json)
     return 0
 
 

@@ -90,7 +90,7 @@ from services.submissions.app import MAX_IN_FLIGHT  # noqa: E402
 from services.submissions.record import CountyRecord  # noqa: E402
 from services.submissions.service import SubmissionsService  # noqa: E402
 from services.submissions.store import EventStore  # noqa: E402
-from tests.bench.synthetic import synthetic_programme  # noqa: E402
+from tests.bench.synthetic import print_results, synthetic_programme  # noqa: E402
 
 SELF = str(Path(__file__).resolve())
 GOAL_THROUGHPUT_RATIO = 0.5  # service ≥ half the bare responder's throughput
@@ -1062,12 +1062,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     results = asyncio.run(bench(args))
-    print(render_table(results))
-    text = json.dumps(results, ensure_ascii=False, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
-    print("\nJSON:")
-    print(text)
+    print_results(render_table(results), results, args.json)
     return 0
 
 

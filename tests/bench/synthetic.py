@@ -31,3 +31,15 @@ def synthetic_programme(units: int) -> Programme:
         for i in range(units)
     )
     return msgspec.structs.replace(base, counties=counties)
+
+
+def print_results(table: str, results: object, json_path: str | None) -> None:
+    """Every benchmark's ending: the table, then the figures as JSON (also to ``json_path``)."""
+    import json
+
+    print(table)
+    text = json.dumps(results, ensure_ascii=False, indent=2, default=str)
+    if json_path:
+        Path(json_path).write_text(text + "\n", encoding="utf-8")
+    print("\nJSON:")
+    print(text)
