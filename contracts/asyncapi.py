@@ -42,12 +42,14 @@ from nats.micro.service import (
 )
 
 from contracts import escalation, ledger, notifier, subjects
+from contracts.audit import ChainHead, Checkpoint, ReadModelAudit
 from contracts.commands import ReportProgress, Role, Submission, encode
 from contracts.errors import ErrorCode
 from contracts.escalation import (
     ActionList,
     ActionsQuery,
     ActionView,
+    CheckpointList,
     ConfirmAction,
     EscalationStatus,
     OpsError,
@@ -303,6 +305,14 @@ CHANNELS: tuple[Channel, ...] = (
         service="notifier",
     ),
     Channel(
+        "auditCheckpoints",
+        subjects.CHECKPOINTS_SUBJECT,
+        (Checkpoint,),
+        summary=f"Signed checkpoints of every event chain's head, in the stream {subjects.AUDIT_STREAM}",
+        publishers="the escalation service (the active instance)",
+        service="escalation",
+    ),
+    Channel(
         "refusals",
         subjects.refusal_subject("{role_token}", "{county_token}"),
         (RefusalRecord,),
@@ -384,6 +394,15 @@ CHANNELS: tuple[Channel, ...] = (
         "ledger",
     ),
     Channel(
+        "ledgerAudit",
+        ledger.AUDIT_SUBJECT,
+        (StatusQuery,),
+        (ReadModelAudit, QueryError),
+        "Compare the read model with the stream: rows altered, missing, or explained by no event",
+        OPS_USERS,
+        "ledger",
+    ),
+    Channel(
         "ledgerReplayParked",
         ledger.REPLAY_PARKED_SUBJECT,
         (StatusQuery,),
@@ -444,6 +463,15 @@ CHANNELS: tuple[Channel, ...] = (
         (StatusQuery,),
         (EscalationStatus, OpsError),
         "Escalation's position in the stream and its actions by state",
+        OPS_USERS,
+        "escalation",
+    ),
+    Channel(
+        "escalationCheckpoint",
+        escalation.AUDIT_CHECKPOINT_SUBJECT,
+        (StatusQuery,),
+        (CheckpointList, OpsError),
+        "Record a checkpoint of every chain's head now (empty when nothing moved)",
         OPS_USERS,
         "escalation",
     ),
@@ -575,6 +603,20 @@ def _envelope(
 _SID = EXAMPLE_SUBMISSION.submission_id
 EXAMPLES: dict[type[msgspec.Struct], tuple[msgspec.Struct, ...]] = {
     Submission: (EXAMPLE_SUBMISSION,),
+    Checkpoint: (
+        Checkpoint(
+            number=12,
+            taken_at=dt.datetime(2017, 6, 20, 18, 0, tzinfo=_TZ),
+            stream_sequence=4211,
+            heads=(
+                ChainHead(subjects.aggregate_subject(_PROGRAMME, _COUNTY), 4207, "9f2c" + "0" * 60),
+                ChainHead(subjects.actions_subject(_PROGRAMME, _OTHER_COUNTY), 4211, "41d8" + "0" * 60),
+            ),
+            previous="c0ffee" + "0" * 58,
+            signer="UBK73XUJWWBPX2Q5D3XRD2MNHLZYXIPI73DU3OXP5EU2UGWHWJV4FN2C",
+            signature="5e" * 64,
+        ),
+    ),
     Accepted: (Accepted(submission_id=_SID, events=(StoredEvent(f"{_SID}/0", "progress_reported", 42),)),),
     Refused: (refused(ErrorCode.UNKNOWN_MILESTONE, submission_id=_SID, field="$.command.milestone_id"),),
     EventEnvelope: (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from contracts.audit import Checkpoint
 from contracts.identifiers import CountyCode, ProgrammeId
 from contracts.payloads import Fields, Note, UserName
 
@@ -18,6 +19,8 @@ WHY_SUBJECT = f"{OPS_PREFIX}.why"
 TICK_SUBJECT = f"{OPS_PREFIX}.tick"
 STATUS_SUBJECT = f"{OPS_PREFIX}.status"
 PARKED_SUBJECT = f"{OPS_PREFIX}.parked"  # events escalation could not fold (ParkedList); retried at each start
+# Record an audit checkpoint of the chains' heads now (CheckpointList; empty when nothing moved).
+AUDIT_CHECKPOINT_SUBJECT = f"{OPS_PREFIX}.checkpoint"
 ESCALATION_SERVICE = "duban-escalation"
 
 
@@ -79,6 +82,10 @@ class EscalationStatus(Fields, frozen=True):
     judged_on: dt.date  # today, on the service's clock
     counties: int
     actions: dict[str, int]  # by state: proposed, issued, waived
+
+
+class CheckpointList(Fields, frozen=True):
+    items: tuple[Checkpoint, ...]
 
 
 class OpsError(Fields, frozen=True):

@@ -203,6 +203,7 @@ OPS_PREFIX = "duban.ops.ledger"
 REBUILD_SUBJECT = f"{OPS_PREFIX}.rebuild"
 PROJECTION_STATUS_SUBJECT = f"{OPS_PREFIX}.status"
 PARKED_SUBJECT = f"{OPS_PREFIX}.parked"  # events the ledger could not apply (ParkedList)
+AUDIT_SUBJECT = f"{OPS_PREFIX}.audit"  # the read model compared with the stream (contracts.audit.ReadModelAudit)
 REPLAY_PARKED_SUBJECT = f"{OPS_PREFIX}.replay-parked"  # try them again after a fix (ReplayParkedReport)
 
 

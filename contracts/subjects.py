@@ -29,6 +29,13 @@ REFUSALS_STREAM = "DUBAN_REFUSALS"
 REFUSALS_PREFIX = "duban.refusals"
 REFUSALS_ALL = f"{REFUSALS_PREFIX}.>"
 
+# Signed checkpoints of the event chains' heads (contracts.audit): a stream of their own, since
+# the projections rely on DUBAN_EVENTS' sequences having no holes under their filter.
+AUDIT_STREAM = "DUBAN_AUDIT"
+AUDIT_PREFIX = "duban.audit"
+AUDIT_ALL = f"{AUDIT_PREFIX}.>"
+CHECKPOINTS_SUBJECT = f"{AUDIT_PREFIX}.checkpoints"
+
 # Header carrying the event type, so consumers and `nats` users can filter without decoding.
 EVENT_TYPE_HEADER = "Duban-Event-Type"
 CORRELATION_HEADER = "Duban-Correlation-Id"

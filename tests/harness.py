@@ -24,7 +24,7 @@ from contracts.programme import Programme, load_default_programme
 from contracts.replies import Accepted, RefusalRecord, Refused, decode_reply
 from contracts.subjects import EVENTS_STREAM, REFUSALS_STREAM, submit_subject
 from services.common.clock import SimulatedClock
-from services.common.jetstream import ensure_streams
+from services.common.jetstream import ensure_streams, stream_names
 from services.common.micro import MicroService
 from services.submissions.app import start
 from services.submissions.service import SubmissionsService
@@ -113,7 +113,7 @@ async def wait_serving(client: NatsClient, micro: MicroService) -> None:
 
 async def reset_streams(js: JetStreamContext) -> None:
     """Empty streams for a test: delete them (consumers go with them) and declare them anew."""
-    for stream in (EVENTS_STREAM, REFUSALS_STREAM):
+    for stream in stream_names():
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(stream)
     for attempt in range(50):  # the server removes a deleted stream's files asynchronously

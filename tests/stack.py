@@ -33,6 +33,7 @@ class Running:
     readiness: Readiness
     stop: asyncio.Event  # set it to stop the services as SIGTERM does
     services: asyncio.Task[None]
+    settings: Settings  # the services' (its state directory holds their signing key)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -53,7 +54,7 @@ async def running(
     )
     try:
         await asyncio.wait_for(readiness.wait(), 30)
-        yield Running(nc, clock, f"http://{address}", readiness, stop, task)
+        yield Running(nc, clock, f"http://{address}", readiness, stop, task, runtime.settings)
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)

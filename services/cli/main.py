@@ -26,10 +26,11 @@ from contracts.programme import ProgrammeFileError, load_programme
 from contracts.replies import Accepted, RefusalRecord, decode_reply
 from contracts.schema import SCHEMA_DIR, render_schemas, write_schemas
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, REFUSALS_ALL, REFUSALS_STREAM, submit_subject
+from services.audit.cli import audit_app
 from services.common.clock import SystemClock
 from services.common.logging import configure_logging
 from services.common.opshttp import Readiness
-from services.common.runtime import client_runtime, infrastructure
+from services.common.runtime import client_runtime, client_settings, infrastructure
 from services.common.settings import Settings
 from services.common.supervisor import GATEWAY, SERVICES, ServiceRun, run_services, service_runners
 from services.gateway.cli import gateway_app
@@ -40,15 +41,14 @@ app.add_typer(deploy_app, name="deploy")
 ledger_app = typer.Typer(no_args_is_help=True, help="The ledger's read model.")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(gateway_app, name="gateway")
+app.add_typer(audit_app, name="audit")
 T = TypeVar("T")
 console = Console()
 err = Console(stderr=True)
 
 
 def _settings() -> Settings:
-    settings = Settings.from_env()
-    configure_logging(settings.log_format, settings.log_level)
-    return settings
+    return client_settings()
 
 
 @app.command()
@@ -153,8 +153,16 @@ def demo(
         f"[bold]{summary.days}[/] simulated days in {summary.seconds:g} s: {summary.submissions} submissions, "
         f"{summary.operator_decisions} operator decisions, {summary.events} events.\n"
         f"一览表: [bold]{summary.xlsx}[/]   e-mails: [bold]{summary.emails_received}[/] in {summary.mailbox} "
-        f"(Maildir)   SMS: [bold]{summary.sms_written}[/] in {summary.sms_file}   summary: {out / 'summary.json'}"
+        f"(Maildir)   SMS: [bold]{summary.sms_written}[/] in {summary.sms_file}   summary: {out / 'summary.json'}\n"
+        + (
+            "the record verified: every event on its chain, the checkpoints signed, the ledger as the events say"
+            if summary.record_verified
+            else "[red]the record did NOT verify[/] (see duban.log)"
+        )
+        + (f"; the 一览表 and the actions signed by {summary.signer}" if summary.signer else "")
     )
+    if not summary.record_verified:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -247,8 +255,10 @@ def _as_of(value: str | None) -> str | None:
     return (instant if instant.tzinfo else instant.replace(tzinfo=zone)).isoformat()
 
 
-async def _ask(settings: Settings, subject: str, query: dict[str, object], user: str | None) -> tuple[bytes, bool]:
-    """Request-reply to a query subject; (body, is_error)."""
+async def _ask(
+    settings: Settings, subject: str, query: dict[str, object], user: str | None
+) -> tuple[bytes, bool, dict[str, str]]:
+    """Request-reply to a query subject; (body, is_error, headers)."""
     runtime = client_runtime(settings)
     nc = await runtime.connect_as(user or settings.nats_user or "ops")
     try:
@@ -260,7 +270,8 @@ async def _ask(settings: Settings, subject: str, query: dict[str, object], user:
         raise typer.Exit(2) from None
     finally:
         await nc.close()
-    return msg.data, bool(msg.headers and msg.headers.get("Nats-Service-Error-Code"))
+    headers = dict(msg.headers or {})
+    return msg.data, bool(headers.get("Nats-Service-Error-Code")), headers
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -272,16 +283,20 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(2) from None
 
 
-def _query_bytes(subject: str, query: dict[str, object], user: str | None = None) -> bytes:
+def _query_answer(subject: str, query: dict[str, object], user: str | None = None) -> tuple[bytes, dict[str, str]]:
     """Ask a query subject; a QueryError answer is printed and ends the command."""
     from contracts.ledger import QueryError
 
-    data, failed = _run(_ask(_settings(), subject, query, user))
+    data, failed, headers = _run(_ask(_settings(), subject, query, user))
     if failed:
         error = msgspec.json.decode(data, type=QueryError)
         err.print(f"[red]{error.code}[/]: {error.message_zh} / {error.message_en} {error.detail}")
         raise typer.Exit(1)
-    return data
+    return data, headers
+
+
+def _query_bytes(subject: str, query: dict[str, object], user: str | None = None) -> bytes:
+    return _query_answer(subject, query, user)[0]
 
 
 def _query(subject: str, answer_type: type[T], query: dict[str, object], user: str | None = None) -> T:
@@ -351,12 +366,20 @@ def report(
     as_of: AsOf = None,
     programme: Programme = None,
 ) -> None:
-    """Export the 督查进度一览表 as an Excel file."""
+    """Export the 督查进度一览表 as an Excel file, with its signature beside it (FILE.sig)."""
+    from contracts.audit import FILE_SIGNATURE_HEADER, FILE_SIGNATURE_SUFFIX
     from contracts.ledger import REPORT_SUBJECT
+    from services.common.signing import file_signature_from_header
 
-    data = _query_bytes(REPORT_SUBJECT, {"as_of": _as_of(as_of), "programme_id": programme})
+    data, headers = _query_answer(REPORT_SUBJECT, {"as_of": _as_of(as_of), "programme_id": programme})
     xlsx.write_bytes(data)
     console.print(f"wrote {xlsx} ({len(data)} bytes)")
+    signed = headers.get(FILE_SIGNATURE_HEADER)
+    if signed:
+        signature = file_signature_from_header(signed)
+        path = xlsx.with_name(xlsx.name + FILE_SIGNATURE_SUFFIX)
+        path.write_bytes(msgspec.json.format(msgspec.json.encode(signature), indent=2) + b"\n")
+        console.print(f"wrote {path} (signed by {signature.signer}; check with `duban audit verify-file {xlsx}`)")
 
 
 @ledger_app.command("rebuild")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import nats
 import structlog
@@ -27,13 +27,19 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, REFUSALS_ALL, REFUSALS_STREAM
+from contracts.subjects import AUDIT_ALL, AUDIT_STREAM, EVENTS_ALL, EVENTS_STREAM, REFUSALS_ALL, REFUSALS_STREAM
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 DUPLICATE_WINDOW_SECONDS = 10 * 60
 MAX_EVENT_BYTES = 1024 * 1024
 STREAM_EXISTS_WITH_OTHER_CONFIG = 10058
+
+
+def stream_names() -> tuple[str, ...]:
+    """Every stream duban declares (a test's fresh start deletes them all)."""
+    return tuple(str(config.name) for config in stream_configs())
 
 
 def stream_configs(replicas: int = 1) -> list[StreamConfig]:
@@ -63,6 +69,12 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             name=REFUSALS_STREAM,
             subjects=[REFUSALS_ALL],
             description="duban refused submissions, kept so nothing a county sent is lost",
+            **common,
+        ),
+        StreamConfig(
+            name=AUDIT_STREAM,
+            subjects=[AUDIT_ALL],
+            description="duban audit checkpoints: signed heads of every event chain (contracts.audit)",
             **common,
         ),
     ]
@@ -158,19 +170,48 @@ async def read_all(
     it went through the callback, so a slow reader holds the server back instead of dropping
     (the ordered consumer also restarts itself at the last sequence it saw on any gap).
     """
+    async for batch in _read(js, stream, subject, _sequence_and_data, batch_size, idle_timeout):
+        yield batch
+
+
+async def read_messages(
+    js: JetStreamContext, stream: str, subject: str, batch_size: int = 2000, idle_timeout: float = 30.0
+) -> AsyncIterator[list[tuple[int, Msg]]]:
+    """Like :func:`read_all`, but the whole messages (subject, headers, data), for a reader that
+    needs more than the bytes (``duban audit verify`` reads the chain headers)."""
+    async for batch in _read(js, stream, subject, _sequence_and_message, batch_size, idle_timeout):
+        yield batch
+
+
+def _sequence_and_data(sequence: int, msg: Msg) -> tuple[int, bytes]:
+    return sequence, msg.data
+
+
+def _sequence_and_message(sequence: int, msg: Msg) -> tuple[int, Msg]:
+    return sequence, msg
+
+
+async def _read(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    take: Callable[[int, Msg], tuple[int, T]],
+    batch_size: int,
+    idle_timeout: float,
+) -> AsyncIterator[list[tuple[int, T]]]:
     try:
         last = int((await js.get_last_msg(stream, subject)).seq or 0)  # the subject's end, now
     except NotFoundError:
         return
-    batches: asyncio.Queue[list[tuple[int, bytes]]] = asyncio.Queue(maxsize=4)
-    batch: list[tuple[int, bytes]] = []
+    batches: asyncio.Queue[list[tuple[int, T]]] = asyncio.Queue(maxsize=4)
+    batch: list[tuple[int, T]] = []
 
     async def on_msg(msg: Msg) -> None:
         nonlocal batch
         sequence = stream_sequence(msg)
         if sequence > last:
             return  # appended since the call: left for the caller's live consumer
-        batch.append((sequence, msg.data))
+        batch.append(take(sequence, msg))
         if len(batch) >= batch_size or sequence == last:
             full, batch = batch, []
             await batches.put(full)

@@ -53,6 +53,14 @@ def readable_json(value: Any) -> bytes:
 
 
 @dataclass(frozen=True)
+class BytesAnswer:
+    """An answer of raw bytes with headers of its own (a file and its signature)."""
+
+    data: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Endpoint:
     name: str
     subject: str
@@ -93,7 +101,10 @@ def json_endpoint(
             log.exception("endpoint failed", endpoint=name)
             await _fail(request, error, EndpointFailure("unavailable", "暂时无法完成", "failed", str(exc), "500"))
             return
-        if isinstance(result, bytes):
+        if isinstance(result, BytesAnswer):
+            kind = {"Content-Type": content_type} if content_type else {}
+            await request.respond(result.data, headers={**kind, **result.headers})
+        elif isinstance(result, bytes):
             await request.respond(result, headers={"Content-Type": content_type} if content_type else None)
         else:
             await request.respond(readable_json(result))

@@ -23,6 +23,7 @@ from contracts.workdays import WorkdayCalendar
 from services.common import natsauth
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres
 from services.common.jetstream import connect
+from services.common.logging import configure_logging
 from services.common.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -77,6 +78,13 @@ class Runtime:
             inbox_prefix=inbox,
             reconnect_attempts=self.reconnect_attempts,
         )
+
+
+def client_settings() -> Settings:
+    """For a command: the settings from the environment, and logging configured by them."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
 
 
 def client_runtime(settings: Settings) -> Runtime:

@@ -34,12 +34,15 @@ import structlog
 from aiosmtpd.controller import Controller
 from aiosmtpd.handlers import Mailbox
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from contracts.audit import FILE_SIGNATURE_HEADER, FILE_SIGNATURE_SUFFIX, AuditReport, FileSignature
 from contracts.commands import Role
 from contracts.directory import example_directory_path, load_directory
 from contracts.escalation import (
     ACTIONS_SUBJECT,
+    AUDIT_CHECKPOINT_SUBJECT,
     CONFIRM_SUBJECT,
     TICK_SUBJECT,
     WAIVE_SUBJECT,
@@ -56,11 +59,13 @@ from contracts.notifier import NotifierStatus
 from contracts.programme import Programme, load_default_programme
 from contracts.replies import Accepted, decode_reply
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, submit_subject
+from services.audit.verify import verify_record
 from services.common.clock import SimulatedClock
 from services.common.embedded import free_port
 from services.common.opshttp import Readiness
 from services.common.runtime import Runtime, infrastructure
 from services.common.settings import Settings
+from services.common.signing import file_signature_from_header, trusted_keys
 from services.common.supervisor import SERVICES, run_services, service_runners
 from services.demo.script import Step, Story, load_story, submission_body
 from services.demo.view import CountyTally, DemoView
@@ -123,6 +128,8 @@ class DemoSummary:
     sms_file: str
     counties: dict[str, CountyOutcome]
     server_pids: tuple[int, ...]  # the embedded nats-server and PostgreSQL it ran (stopped at the end)
+    record_verified: bool = False  # `duban audit verify` at the end: chains, checkpoints, read model
+    signer: str = ""  # the public key the 一览表 and the actions were signed with (`--trust` it)
 
     def to_json(self) -> bytes:
         return msgspec.json.format(msgspec.json.encode(self), indent=2)
@@ -131,7 +138,12 @@ class DemoSummary:
 def prepare_out_dir(out: Path) -> None:
     """Start from a clean output folder, removing only what an earlier demo wrote."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in (XLSX_NAME, "sms.jsonl", "summary.json"):  # duban.log: the CLI truncates it
+    for name in (
+        XLSX_NAME,
+        XLSX_NAME + FILE_SIGNATURE_SUFFIX,
+        "sms.jsonl",
+        "summary.json",
+    ):  # duban.log: the CLI truncates it
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "mailbox", ignore_errors=True)
 
@@ -173,11 +185,14 @@ class Driver:
 
     # -- talking to duban ----------------------------------------------------------------------
     async def _request(self, subject: str, body: bytes = b"{}", timeout: float = 30.0) -> bytes:
+        return (await self._answer(subject, body, timeout)).data
+
+    async def _answer(self, subject: str, body: bytes = b"{}", timeout: float = 30.0) -> Msg:
         assert self.ops is not None
         msg = await self.ops.request(subject, body, timeout=timeout)
         if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
             raise DemoFailed(f"{subject}: {msg.headers.get('Nats-Service-Error')}: {msg.data.decode()}")
-        return msg.data
+        return msg
 
     async def _sender(self, role: Role, county_code: str) -> NatsClient:
         key = (role, county_code if role is Role.COUNTY else "")
@@ -197,8 +212,17 @@ class Driver:
     async def table(self) -> ProgressTable:
         return msgspec.json.decode(await self._request(TABLE_SUBJECT), type=ProgressTable)
 
-    async def report(self) -> bytes:
-        return await self._request(REPORT_SUBJECT, timeout=60)
+    async def report(self) -> tuple[bytes, FileSignature | None]:
+        """The 一览表 and its signature."""
+        msg = await self._answer(REPORT_SUBJECT, timeout=60)
+        signed = (msg.headers or {}).get(FILE_SIGNATURE_HEADER)
+        return msg.data, file_signature_from_header(signed) if signed else None
+
+    async def audit(self, trusted: frozenset[str]) -> AuditReport:
+        """A checkpoint of the chains now, then the whole record verified (``duban audit verify``)."""
+        await self._request(AUDIT_CHECKPOINT_SUBJECT)
+        assert self.ops is not None
+        return await verify_record(self.ops, trusted)
 
     async def play(self, step: Step) -> None:
         if step.operator_action is not None:
@@ -309,8 +333,12 @@ async def run_demo(options: DemoOptions, view: DemoView | None = None) -> DemoSu
                 try:
                     await _play(driver, story, last_day, options)
                     xlsx = out / XLSX_NAME
-                    xlsx.write_bytes(await driver.report())
+                    data, signature = await driver.report()
+                    xlsx.write_bytes(data)
+                    if signature is not None:
+                        xlsx.with_name(XLSX_NAME + FILE_SIGNATURE_SUFFIX).write_bytes(msgspec.json.encode(signature))
                     await asyncio.sleep(0.3)  # the follower reads the last events
+                    audit = await driver.audit(trusted_keys(settings, environ={}))
                 finally:
                     stop.set()
                     await follower
@@ -330,6 +358,8 @@ async def run_demo(options: DemoOptions, view: DemoView | None = None) -> DemoSu
                     sms_file=str(out / "sms.jsonl"),
                     counties={code: CountyOutcome.of(tally) for code, tally in view.tallies().items()},
                     server_pids=runtime.embedded_pids,
+                    record_verified=audit.ok,
+                    signer=signature.signer if signature is not None else "",
                 )
     (out / "summary.json").write_bytes(summary.to_json())
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from importlib.metadata import version
 from typing import Any
 
@@ -15,6 +16,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from contracts.escalation import (
     ACTIONS_SUBJECT,
+    AUDIT_CHECKPOINT_SUBJECT,
     CONFIRM_SUBJECT,
     ESCALATION_SERVICE,
     PARKED_SUBJECT,
@@ -24,6 +26,7 @@ from contracts.escalation import (
     WHY_SUBJECT,
     ActionList,
     ActionsQuery,
+    CheckpointList,
     ConfirmAction,
     EscalationStatus,
     OpsError,
@@ -40,15 +43,21 @@ from services.common.jetstream import ensure_streams
 from services.common.leader import Leadership, either
 from services.common.micro import MicroService, json_endpoint, start_micro
 from services.common.runtime import Runtime, load_policy_and_calendar
+from services.common.signing import load_signer
+from services.escalation.checkpoints import Checkpointer, checkpoint_forever
 from services.escalation.ladder import Judge
-from services.escalation.service import EscalationService
+from services.escalation.service import EscalationService, OpsFailure
 
 SERVICE_USER = "svc-escalation"
 log = structlog.get_logger(__name__)
 
 
 async def follow(
-    js: JetStreamContext, service: EscalationService, stop: asyncio.Event, caught_up: asyncio.Event
+    js: JetStreamContext,
+    service: EscalationService,
+    stop: asyncio.Event,
+    caught_up: asyncio.Event,
+    checkpointer: Checkpointer | None = None,
 ) -> None:
     """Fold every stored event in order; once caught up, judge each county as its events arrive.
 
@@ -67,7 +76,7 @@ async def follow(
                 if backlog_end == 0:
                     caught_up.set()
                     await _judge(service)
-            await _follow_from(js, service, stop, caught_up, backlog_end, position)
+            await _follow_from(js, service, stop, caught_up, backlog_end, position, checkpointer)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -107,6 +116,7 @@ async def _follow_from(
     caught_up: asyncio.Event,
     backlog_end: int,
     position: _Position,
+    checkpointer: Checkpointer | None,
 ) -> None:
     sub = await js.pull_subscribe(
         EVENTS_ALL,
@@ -140,6 +150,8 @@ async def _follow_from(
                     gap = _Gap(f"expected stream sequence {position.last + 1}, got {sequence}")
                     break
                 position.last = sequence
+                if checkpointer is not None:
+                    checkpointer.observe(msg.subject, sequence, msg.headers)
                 metrics.EVENTS_APPLIED.labels(consumer="escalation").inc()
                 try:
                     key = service.observe(sequence, decode_event(msg.data))
@@ -177,7 +189,12 @@ async def tick_forever(
 
 
 async def start_service(
-    nc: Any, service: EscalationService, clock: Clock, release: str, caught_up: asyncio.Event | None = None
+    nc: Any,
+    service: EscalationService,
+    clock: Clock,
+    release: str,
+    caught_up: asyncio.Event | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> MicroService:
     js = nc.jetstream()
 
@@ -206,6 +223,11 @@ async def start_service(
     async def parked(_: StatusQuery) -> ParkedList:
         return ParkedList(items=tuple(service.parked))
 
+    async def checkpoint(_: StatusQuery) -> CheckpointList:
+        if checkpointer is None:
+            raise OpsFailure("unavailable", "未启用审计检查点", "audit checkpoints are not enabled here")
+        return CheckpointList(items=tuple(await checkpointer.record()))
+
     return await start_micro(
         nc,
         name=ESCALATION_SERVICE,
@@ -219,6 +241,7 @@ async def start_service(
             json_endpoint("tick", TICK_SUBJECT, ActionsQuery, tick, OpsError),
             json_endpoint("status", STATUS_SUBJECT, StatusQuery, status, OpsError),
             json_endpoint("parked", PARKED_SUBJECT, StatusQuery, parked, OpsError),
+            json_endpoint("checkpoint", AUDIT_CHECKPOINT_SUBJECT, StatusQuery, checkpoint, OpsError),
         ],
     )
 
@@ -229,6 +252,7 @@ async def run(
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
     tick_seconds: float = 60.0,
+    checkpoint_seconds: float | None = None,
 ) -> None:
     nc = await runtime.connect_as(SERVICE_USER)
     try:
@@ -236,11 +260,15 @@ async def run(
         await ensure_streams(js, runtime.settings.stream_replicas)
         policy, calendar = load_policy_and_calendar(runtime.settings)
         judges = {p.id: Judge(p, {policy.version: policy}, policy, calendar) for p in runtime.programmes.values()}
-        service = EscalationService(js, judges, clock)
+        signer = load_signer(runtime.settings)
+        service = EscalationService(js, judges, clock, signer=signer)
         service.active = False  # until elected: a standby folds the stream and judges nothing
+        checkpointer = Checkpointer(js, signer, clock)
+        if checkpoint_seconds is None:
+            checkpoint_seconds = float(os.environ.get("DUBAN_CHECKPOINT_SECONDS", "300"))
         caught_up = asyncio.Event()
         serving = asyncio.Event()  # elected, caught up, and answering the operators
-        follower = asyncio.create_task(follow(js, service, stop, caught_up))
+        follower = asyncio.create_task(follow(js, service, stop, caught_up, checkpointer))
 
         async def lead(until: asyncio.Event) -> None:
             await caught_up.wait()
@@ -250,12 +278,18 @@ async def run(
                     await service.judge()  # whatever fell due while another instance was active
                 except Exception:
                     log.exception("judging on election failed; the next tick retries")
-                micro = await start_service(nc, service, clock, version("duban"), caught_up)
+                micro = await start_service(nc, service, clock, version("duban"), caught_up, checkpointer)
                 serving.set()
                 log.info(
-                    "escalation serving", policy=policy.version, roll_rest_day_deadlines=policy.roll_rest_day_deadlines
+                    "escalation serving",
+                    policy=policy.version,
+                    roll_rest_day_deadlines=policy.roll_rest_day_deadlines,
+                    signer=signer.public_key,
                 )
-                await tick_forever(service, until, caught_up, tick_seconds)
+                await asyncio.gather(
+                    tick_forever(service, until, caught_up, tick_seconds),
+                    checkpoint_forever(checkpointer, until, checkpoint_seconds),
+                )
                 await micro.stop()
             finally:
                 serving.clear()

@@ -38,8 +38,10 @@ from contracts.programme import Programme
 from contracts.replies import ParkedEvent, parked_event
 from contracts.subjects import actions_subject, event_headers
 from services.common import metrics
+from services.common.chain import ChainedPublisher
 from services.common.clock import Clock
 from services.common.micro import EndpointFailure
+from services.common.signing import Signer
 from services.escalation.ladder import Judge, due_actions
 
 log = structlog.get_logger(__name__)
@@ -56,8 +58,17 @@ class OpsFailure(EndpointFailure):
 
 
 class EscalationService:
-    def __init__(self, js: JetStreamContext, judges: dict[str, Judge], clock: Clock, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        judges: dict[str, Judge],
+        clock: Clock,
+        timeout: float = 5.0,
+        signer: Signer | None = None,
+    ) -> None:
         self._js = js
+        # Actions are chained per county and signed: they are what a county may contest.
+        self._publisher = ChainedPublisher(js, signer=signer, timeout=timeout)
         self._judges = judges
         self._clock = clock
         self._timeout = timeout
@@ -165,11 +176,10 @@ class EscalationService:
                 correlation_id=event_key,
                 payload=payload,
             )
-            await self._js.publish(
+            await self._publisher.publish(
                 subject,
                 encode_event(envelope),
-                timeout=self._timeout,
-                headers=event_headers(f"{event_id}#{index}", event_type, envelope.correlation_id),
+                event_headers(f"{event_id}#{index}", event_type, envelope.correlation_id),
             )
             log.info("action recorded", action=event_key, type=event_type, county_code=county_code)
             level = getattr(payload, "level_id", None) or "-"

@@ -16,8 +16,7 @@ from rich.table import Table
 
 from contracts.commands import Role
 from services.common.clock import SystemClock
-from services.common.logging import configure_logging
-from services.common.runtime import client_runtime
+from services.common.runtime import client_runtime, client_settings
 from services.common.settings import Settings
 from services.gateway.app import render_openapi
 from services.gateway.tokens import TokenError, TokenStore, tokens_path
@@ -32,9 +31,7 @@ err = Console(stderr=True)
 
 
 def _settings() -> Settings:
-    settings = Settings.from_env()
-    configure_logging(settings.log_format, settings.log_level)
-    return settings
+    return client_settings()
 
 
 def _store(settings: Settings) -> TokenStore:

@@ -8,7 +8,9 @@ from importlib.metadata import version
 
 import structlog
 
+from contracts.audit import ReadModelAudit
 from contracts.ledger import (
+    AUDIT_SUBJECT,
     PARKED_SUBJECT,
     PROJECTION_STATUS_SUBJECT,
     REBUILD_SUBJECT,
@@ -25,6 +27,8 @@ from services.common.leader import Leadership
 from services.common.micro import json_endpoint
 from services.common.postgres import create_pool
 from services.common.runtime import Runtime, load_policy_and_calendar
+from services.common.signing import load_signer
+from services.ledger.audit import audit_read_model
 from services.ledger.consumer import read_stream, supervise_live
 from services.ledger.projection import LedgerProjection, migrate
 from services.ledger.queries import LedgerReader
@@ -51,7 +55,7 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
         settings = LightSettings(
             due_soon_workdays=policy.due_soon_workdays, roll_rest_day_deadlines=policy.roll_rest_day_deadlines
         )
-        queries = LedgerQueries(reader, runtime.programmes, clock, calendar, settings)
+        queries = LedgerQueries(reader, runtime.programmes, clock, calendar, settings, load_signer(runtime.settings))
         pause = asyncio.Lock()
 
         async def rebuild(_: StatusQuery) -> RebuildReport:
@@ -73,6 +77,9 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
         async def parked(_: StatusQuery) -> ParkedList:
             return ParkedList(items=tuple(await projection.parked()))
 
+        async def audit(_: StatusQuery) -> ReadModelAudit:
+            return await audit_read_model(pool, js, runtime.programmes)
+
         async def replay_parked(_: StatusQuery) -> ReplayParkedReport:
             async with pause:
                 return await projection.replay_parked()
@@ -84,6 +91,7 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
                 json_endpoint("rebuild", REBUILD_SUBJECT, StatusQuery, rebuild, QueryError),
                 json_endpoint("status", PROJECTION_STATUS_SUBJECT, StatusQuery, status, QueryError),
                 json_endpoint("parked", PARKED_SUBJECT, StatusQuery, parked, QueryError),
+                json_endpoint("audit", AUDIT_SUBJECT, StatusQuery, audit, QueryError),
                 json_endpoint("replay-parked", REPLAY_PARKED_SUBJECT, StatusQuery, replay_parked, QueryError),
             ],
             version("duban"),

@@ -487,15 +487,30 @@ async def aggregate_log(
     return [(r["stream_sequence"], decode_event(r["envelope"].encode())) for r in rows]
 
 
-async def write_states(conn: Connection, ledgers: Sequence[CountyFacts], fresh_tables: bool = False) -> None:
-    """Upsert the counties' states and their milestone rows."""
-    state_rows = [
-        (lg.programme_id, lg.county_code, lg.last_sequence, _state_encoder.encode(lg).decode()) for lg in ledgers
-    ]
-    milestone_rows = [
+def state_row(ledger: CountyFacts) -> tuple[str, str, int, str]:
+    """A county's ``county_state`` row (programme_id, county_code, last_sequence, state)."""
+    return ledger.programme_id, ledger.county_code, ledger.last_sequence, _state_encoder.encode(ledger).decode()
+
+
+MILESTONE_COLUMNS = (
+    "programme_id",
+    "county_code",
+    "milestone_id",
+    "percent",
+    "note",
+    "reported_at",
+    "completed_on",
+    "completed_via",
+    "extended_deadline",
+)
+
+
+def milestone_rows(ledger: CountyFacts) -> list[tuple[object, ...]]:
+    """A county's ``milestones`` rows, in :data:`MILESTONE_COLUMNS` order."""
+    return [
         (
-            lg.programme_id,
-            lg.county_code,
+            ledger.programme_id,
+            ledger.county_code,
             m.milestone_id,
             m.percent,
             m.note,
@@ -504,9 +519,14 @@ async def write_states(conn: Connection, ledgers: Sequence[CountyFacts], fresh_t
             m.completed_via,
             m.extended_deadline,
         )
-        for lg in ledgers
-        for m in lg.milestones.values()
+        for m in ledger.milestones.values()
     ]
+
+
+async def write_states(conn: Connection, ledgers: Sequence[CountyFacts], fresh_tables: bool = False) -> None:
+    """Upsert the counties' states and their milestone rows."""
+    state_rows = [state_row(lg) for lg in ledgers]
+    all_milestone_rows = [row for lg in ledgers for row in milestone_rows(lg)]
     if fresh_tables:
         await conn.copy_records_to_table(
             "county_state",
@@ -514,7 +534,7 @@ async def write_states(conn: Connection, ledgers: Sequence[CountyFacts], fresh_t
             columns=["programme_id", "county_code", "last_sequence", "state"],
             records=state_rows,
         )
-        await conn.copy_records_to_table("milestones", schema_name="ledger", records=milestone_rows)
+        await conn.copy_records_to_table("milestones", schema_name="ledger", records=all_milestone_rows)
         return
     await conn.executemany(
         "INSERT INTO ledger.county_state (programme_id, county_code, last_sequence, state) VALUES ($1, $2, $3, $4)"
@@ -527,5 +547,5 @@ async def write_states(conn: Connection, ledgers: Sequence[CountyFacts], fresh_t
         " ON CONFLICT (programme_id, county_code, milestone_id) DO UPDATE SET percent = EXCLUDED.percent,"
         " note = EXCLUDED.note, reported_at = EXCLUDED.reported_at, completed_on = EXCLUDED.completed_on,"
         " completed_via = EXCLUDED.completed_via, extended_deadline = EXCLUDED.extended_deadline",
-        milestone_rows,
+        all_milestone_rows,
     )

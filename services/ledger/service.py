@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 import structlog
 from nats.aio.client import Client as NatsClient
 
+from contracts.audit import FILE_SIGNATURE_HEADER
 from contracts.facts import CountyFacts, new_facts
 from contracts.ledger import (
     COUNTY_SUBJECT,
@@ -35,7 +36,8 @@ from contracts.ledger import (
 from contracts.programme import County, Programme
 from contracts.workdays import WorkdayCalendar
 from services.common.clock import Clock
-from services.common.micro import Endpoint, EndpointFailure, MicroService, json_endpoint, start_micro
+from services.common.micro import BytesAnswer, Endpoint, EndpointFailure, MicroService, json_endpoint, start_micro
+from services.common.signing import Signer, file_signature_header, sign_file
 from services.ledger import views
 from services.ledger.queries import LedgerReader
 from services.ledger.status import LightSettings
@@ -45,6 +47,9 @@ log = structlog.get_logger(__name__)
 
 def _error(code: str, zh: str, en: str, detail: str = "", status: str = "404") -> EndpointFailure:
     return EndpointFailure(code, zh, en, detail, status)
+
+
+REPORT_FILE_NAME = "督查进度一览表.xlsx"
 
 
 class LedgerQueries:
@@ -57,8 +62,10 @@ class LedgerQueries:
         clock: Clock,
         calendar: WorkdayCalendar,
         settings: LightSettings,
+        signer: Signer | None = None,
     ) -> None:
         self._reader = reader
+        self._signer = signer  # signs each 一览表 export
         self._programmes = programmes
         self._clock = clock
         self._calendar = calendar
@@ -136,10 +143,17 @@ class LedgerQueries:
         ledgers, as_of = await self._ledgers(programme, query.as_of)
         return views.overdue_list(self._context(programme, as_of), ledgers)
 
-    async def report(self, query: TableQuery) -> bytes:
+    async def report(self, query: TableQuery) -> BytesAnswer:
+        """The 督查进度一览表 as .xlsx, with its detached signature in a header when the ledger has a key."""
         from services.ledger.report import progress_table_xlsx  # openpyxl loads only when asked
 
-        return progress_table_xlsx(await self.table(query))
+        table = await self.table(query)
+        data = progress_table_xlsx(table)
+        if self._signer is None:
+            return BytesAnswer(data)
+        what = f"{table.report_title or '督查进度一览表'} {table.programme_id} as of {table.as_of.isoformat()}"
+        signature = sign_file(self._signer, what, REPORT_FILE_NAME, data, self._clock.now())
+        return BytesAnswer(data, {FILE_SIGNATURE_HEADER: file_signature_header(signature)})
 
 
 async def start_service(nc: NatsClient, queries: LedgerQueries, ops: list[Endpoint], version: str) -> MicroService:

@@ -40,6 +40,7 @@ from contracts.programme import Programme
 from contracts.replies import ParkedEvent, ReplayParkedReport, parked_event
 from contracts.subjects import EVENTS_STREAM, event_headers, notifications_subject
 from services.common import metrics
+from services.common.chain import ChainedPublisher
 from services.common.clock import Clock
 from services.common.postgres import Connection
 from services.notifier import outbox
@@ -90,6 +91,7 @@ class Notifier:
         self._settings = settings
         self._programmes = programmes
         self._clock = clock
+        self._publisher = ChainedPublisher(js)  # each county's notifications chained (contracts.audit)
         self.work_arrived = asyncio.Event()  # set when outbox rows are added: the sender need not poll
 
     # -- 1. planning ----------------------------------------------------------------------------
@@ -490,7 +492,7 @@ class Notifier:
         for event_id, subject, data in pending:
             envelope = decode_event(data)
             headers = event_headers(event_id, envelope.event_type, envelope.correlation_id)
-            await self._js.publish(subject, data, headers=headers)
+            await self._publisher.publish(subject, data, headers)
         if pending:
             async with self._pool.acquire() as conn:
                 await outbox.forget_events(conn, [e for e, _, _ in pending])

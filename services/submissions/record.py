@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 from dataclasses import dataclass, field
 
+from contracts.audit import GENESIS
 from contracts.events import (
     EventEnvelope,
     EventPayload,
@@ -71,6 +72,7 @@ class CountyRecord:
     programme_id: str
     county_code: str
     last_sequence: int = 0  # stream sequence of the aggregate's last event (0: none yet)
+    chain_head: str = GENESIS  # the hash chaining the next event to the last (contracts.audit)
     submissions: dict[str, StoredSubmission] = field(default_factory=dict)
     facts: Facts = field(default_factory=Facts)
     # What a refold after a retraction needs: (submission id, payload) of the events fold_fact

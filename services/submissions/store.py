@@ -4,7 +4,8 @@ One subject per aggregate. An append carries ``Nats-Expected-Last-Subject-Sequen
 record's last sequence, 0 for a new aggregate): if someone else appended first the server
 answers 10071 and the caller reloads and decides again. A decision with several events goes
 in one atomic batch, so its facts and findings are stored together or not at all. Every event
-carries ``Nats-Msg-Id`` = its deterministic event id, so a retried append is stored once.
+carries ``Nats-Msg-Id`` = its deterministic event id, so a retried append is stored once, and
+the chain headers linking it to the county's previous fact (contracts.audit).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 
+from contracts.audit import CHAIN_HASH_HEADER, chain_headers
 from contracts.events import EventEnvelope, decode_event, encode_event
 from contracts.replies import RefusalRecord, Refused
 from contracts.subjects import (
@@ -51,6 +53,8 @@ class AppendUncertain(Exception):
 
 def _apply_stored(record: CountyRecord, msg: Msg) -> None:
     sequence = msg.metadata.sequence.stream
+    if sequence > record.last_sequence and msg.headers and CHAIN_HASH_HEADER in msg.headers:
+        record.chain_head = msg.headers[CHAIN_HASH_HEADER]
     try:
         envelope = decode_event(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -121,24 +125,33 @@ class EventStore:
         return record
 
     async def append(self, record: CountyRecord, events: list[EventEnvelope]) -> list[int]:
-        """Append atomically after ``record.last_sequence``; returns the stream sequences."""
+        """Append atomically after ``record.last_sequence``, chained after ``record.chain_head``;
+        returns the stream sequences (and moves ``record.chain_head``)."""
         subject = aggregate_subject(record.programme_id, record.county_code)
         expected = str(record.last_sequence)
+        messages: list[tuple[bytes, dict[str, str]]] = []
+        head = record.chain_head
+        for event in events:
+            data = encode_event(event)
+            chain = chain_headers(subject, head, data)
+            head = chain[CHAIN_HASH_HEADER]
+            messages.append((data, {**event_headers(event.event_id, event.event_type, event.correlation_id), **chain}))
         try:
-            if len(events) == 1:
+            if len(messages) == 1:
+                data, headers = messages[0]
                 ack = await self._js.publish(
                     subject,
-                    encode_event(events[0]),
+                    data,
                     timeout=self._timeout,
-                    headers={
-                        **event_headers(events[0].event_id, events[0].event_type, events[0].correlation_id),
-                        "Nats-Expected-Last-Subject-Sequence": expected,
-                    },
+                    headers={**headers, "Nats-Expected-Last-Subject-Sequence": expected},
                 )
                 if ack.duplicate:
                     raise AppendConflict("already stored")
-                return [int(ack.seq)]
-            return await self._append_batch(subject, expected, events)
+                sequences = [int(ack.seq)]
+            else:
+                sequences = await self._append_batch(subject, expected, messages)
+            record.chain_head = head
+            return sequences
         except BadRequestError as exc:
             if exc.err_code in (WRONG_LAST_SEQUENCE, BATCH_DUPLICATE_MSG_ID):
                 raise AppendConflict(exc.description) from exc
@@ -146,23 +159,21 @@ class EventStore:
         except NatsTimeoutError as exc:
             raise AppendUncertain(str(exc)) from exc
 
-    async def _append_batch(self, subject: str, expected: str, events: list[EventEnvelope]) -> list[int]:
+    async def _append_batch(
+        self, subject: str, expected: str, messages: list[tuple[bytes, dict[str, str]]]
+    ) -> list[int]:
         # JetStream atomic batch (server >= 2.12); nats-py has no helper for it.
-        batch_id = hashlib.sha256(events[0].event_id.encode()).hexdigest()[:32]
-        last = len(events)
-        for number, event in enumerate(events, start=1):
-            headers = {
-                "Nats-Batch-Id": batch_id,
-                "Nats-Batch-Sequence": str(number),
-                **event_headers(event.event_id, event.event_type, event.correlation_id),
-            }
+        batch_id = hashlib.sha256(messages[0][1]["Nats-Msg-Id"].encode()).hexdigest()[:32]
+        last = len(messages)
+        for number, (data, event_headers_) in enumerate(messages, start=1):
+            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(number), **event_headers_}
             if number == 1:
                 headers["Nats-Expected-Last-Subject-Sequence"] = expected
             if number < last:
-                await self._nc.publish(subject, encode_event(event), headers=headers)
+                await self._nc.publish(subject, data, headers=headers)
                 continue
             headers["Nats-Batch-Commit"] = "1"
-            reply = await self._nc.request(subject, encode_event(event), headers=headers, timeout=self._timeout)
+            reply = await self._nc.request(subject, data, headers=headers, timeout=self._timeout)
             answer = msgspec.json.decode(reply.data)
             if "error" in answer:
                 error = answer["error"]

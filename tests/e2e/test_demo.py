@@ -9,6 +9,7 @@ import email
 import email.header
 import json
 import mailbox
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,22 @@ def test_nothing_keeps_running(demo: dict[str, Any]) -> None:
     pids = demo["summary"]["server_pids"]
     assert len(pids) == 2
     assert not set(pids) & demo["groups_after"]
+
+
+def test_the_record_verifies_and_the_workbook_is_signed(demo: dict[str, Any]) -> None:
+    summary = demo["summary"]
+    assert summary["record_verified"] is True
+    assert "the record verified" in demo["stdout"]
+    signature = json.loads((demo["out"] / "督查进度一览表.xlsx.sig").read_text())
+    assert signature["signer"] == summary["signer"] and summary["signer"].startswith("U")
+    duban = Path(sys.executable).with_name("duban")
+    checked = subprocess.run(
+        [str(duban), "audit", "verify-file", "out/督查进度一览表.xlsx", "--trust", summary["signer"]],
+        cwd=demo["folder"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "OK" in checked.stdout

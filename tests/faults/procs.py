@@ -34,6 +34,7 @@ import httpx
 from aiosmtpd.controller import Controller
 
 from services.common.embedded import free_port
+from services.common.signing import new_seed
 from services.common.supervisor import SERVICES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -263,9 +264,15 @@ class Services:
         names: Sequence[str] = SERVICES,
     ) -> None:
         self.root = root
+        # One signing key for every instance, as deployed (deploy/README.md): the record verifies
+        # against it after the faults.
+        self.signing_key_file = root / "signing.nk"
+        if not self.signing_key_file.exists():
+            self.signing_key_file.write_bytes(new_seed())
         common = {
             "NATS_URL": ",".join(nats_urls),
             "DATABASE_URL": database_url,
+            "DUBAN_SIGNING_KEY_FILE": str(self.signing_key_file),
             **(extra_env or {}),
         }
         notifier_env = {

@@ -25,8 +25,11 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from contracts.escalation import AUDIT_CHECKPOINT_SUBJECT
 from contracts.programme import Programme, load_default_programme
-from contracts.subjects import EVENTS_STREAM, REFUSALS_STREAM
+from services.audit.verify import verify_record
+from services.common.jetstream import stream_names
+from services.common.signing import signer_from_seed
 from tests.faults import checks
 from tests.faults.load import Load
 from tests.faults.procs import Services, SmtpRecorder, sms_file_counts
@@ -112,7 +115,7 @@ class Scenario:
             self.nats_urls, name="fault-test", max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2
         )
         if fresh_streams:  # the module's server may have served an earlier test
-            for stream in (EVENTS_STREAM, REFUSALS_STREAM):
+            for stream in stream_names():
                 with contextlib.suppress(NotFoundError):
                     await self.js.delete_stream(stream)
         await self.services.start()
@@ -150,6 +153,13 @@ class Scenario:
         rebuilt, differences = await checks.ledger_matches_rebuild(self.nc, self.js, self.database_url, self.describe)
         if differences:
             findings.add_lost("ledger differs from its rebuild", [differences.splitlines()[0]])
+        # The record as evidence survived the faults: every chain whole, checkpoints and the
+        # signed actions verified, the read model explained by the events.
+        await self.nc.request(AUDIT_CHECKPOINT_SUBJECT, b"{}", timeout=30)
+        signer = signer_from_seed(self.services.signing_key_file.read_bytes()).public_key
+        audit = await verify_record(self.nc, frozenset({signer}))
+        findings.add_lost("record breaks", (f"{b.kind} at {b.where}: {b.detail}" for b in audit.breaks[:20]))
+        self.report.offered["events verified"] += audit.events
 
         for kind, ids in findings.lost.items():
             self.report.lost[kind] += len(ids)

@@ -28,10 +28,9 @@ from nats.aio.msg import Msg
 from contracts.commands import MAX_SUBMISSION_BYTES, Role
 from contracts.events import ProgressReported
 from contracts.replies import Accepted, Refused, decode_reply
-from contracts.subjects import EVENTS_STREAM, REFUSALS_STREAM
 from services.common.clock import SimulatedClock
 from services.common.embedded import EmbeddedNats, free_port
-from services.common.jetstream import ensure_streams
+from services.common.jetstream import ensure_streams, stream_names
 from services.common.natsauth import ensure_generated_passwords, load_password, render_server_auth, users_for
 from services.common.runtime import Runtime
 from services.common.settings import Settings
@@ -136,7 +135,7 @@ async def stack(secured: Secured, gateway_rate: str, tmp_path: Path) -> AsyncIte
     secrets = secured.base / "secrets"
     ops: NatsClient = await nats.connect(url, user="ops", password=load_password("ops", secrets, environ={}))
     js = ops.jetstream()
-    for stream in (EVENTS_STREAM, REFUSALS_STREAM):  # every test starts from empty streams
+    for stream in stream_names():  # every test starts from empty streams
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(stream)
     for attempt in range(50):  # the server removes a deleted stream's files asynchronously

@@ -235,10 +235,11 @@ def test_committed_cluster_files_match_the_generator(tmp_path: Path, programme: 
 
 def test_the_cli_writes_the_committed_cluster_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from services.cli import main
+    from services.common import runtime
 
     app = main.app
     # The command configures logging; not onto CliRunner's stream, closed after the call.
-    monkeypatch.setattr(main, "configure_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runtime, "configure_logging", lambda *args, **kwargs: None)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DUBAN_PROGRAMMES", raising=False)
     result = CliRunner().invoke(app, ["deploy", "nats-config", "--cluster", "3"])
