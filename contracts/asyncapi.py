@@ -41,7 +41,7 @@ from nats.micro.service import (
     ServiceVerb,
 )
 
-from contracts import escalation, ledger, notifier, subjects
+from contracts import audit, escalation, ledger, notifier, subjects
 from contracts.audit import ChainHead, Checkpoint, ReadModelAudit
 from contracts.commands import ReportProgress, Role, Submission, encode
 from contracts.errors import ErrorCode
@@ -72,6 +72,7 @@ from contracts.events import (
     NotificationQueued,
     NotificationSent,
     ProgressReported,
+    encode_event,
     event_type_of,
 )
 from contracts.identifiers import COUNTY_CODE_PATTERN, PROGRAMME_ID_PATTERN
@@ -868,8 +869,32 @@ class _Builder:
                         "type": "string",
                         "description": "The envelope's correlation id (the submission that started it).",
                     },
+                    audit.CHAIN_PREV_HEADER: {
+                        "type": "string",
+                        "pattern": "^[0-9a-f]{64}$",
+                        "description": "The chain hash of the previous event on this subject (64 zeros: the first).",
+                    },
+                    audit.CHAIN_HASH_HEADER: {
+                        "type": "string",
+                        "pattern": "^[0-9a-f]{64}$",
+                        "description": "sha256 over 'duban-chain/1', the subject, the previous hash, the bytes",
+                    },
+                    audit.SIGNER_HEADER: {
+                        "type": "string",
+                        "description": "The public nkey that signed the chain hash (escalation's actions).",
+                    },
+                    audit.SIGNATURE_HEADER: {
+                        "type": "string",
+                        "description": "Hex Ed25519 signature of the chain hash by the signer.",
+                    },
                 },
-                "required": [NATS_MSG_ID_HEADER, subjects.EVENT_TYPE_HEADER, subjects.CORRELATION_HEADER],
+                "required": [
+                    NATS_MSG_ID_HEADER,
+                    subjects.EVENT_TYPE_HEADER,
+                    subjects.CORRELATION_HEADER,
+                    audit.CHAIN_PREV_HEADER,
+                    audit.CHAIN_HASH_HEADER,
+                ],
             },
             "payload": {
                 "allOf": [
@@ -884,7 +909,12 @@ class _Builder:
             body["examples"] = [
                 {
                     "name": e.event_type,
-                    "headers": subjects.event_headers(e.event_id, e.event_type, e.correlation_id),
+                    "headers": {
+                        **subjects.event_headers(e.event_id, e.event_type, e.correlation_id),
+                        **audit.chain_headers(
+                            subjects.aggregate_subject(e.programme_id, e.county_code), audit.GENESIS, encode_event(e)
+                        ),
+                    },
                     "payload": msgspec.to_builtins(e),
                 }
                 for e in examples
