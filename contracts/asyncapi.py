@@ -496,6 +496,15 @@ CHANNELS: tuple[Channel, ...] = (
         "notifier",
     ),
     Channel(
+        "notifierAudit",
+        notifier.AUDIT_SUBJECT,
+        (StatusQuery,),
+        (ReadModelAudit, OpsError),
+        "Compare the outbox with the stream: rows no action explains, sent messages whose row is gone or reset",
+        OPS_USERS,
+        "notifier",
+    ),
+    Channel(
         "notifierParked",
         notifier.PARKED_SUBJECT,
         (StatusQuery,),

@@ -13,9 +13,11 @@ OPS_PREFIX = "duban.ops.notifier"
 STATUS_SUBJECT = f"{OPS_PREFIX}.status"
 PARKED_SUBJECT = f"{OPS_PREFIX}.parked"  # actions the notifier could not plan (ParkedList)
 REPLAY_PARKED_SUBJECT = f"{OPS_PREFIX}.replay-parked"  # plan them again after a fix (ReplayParkedReport)
+AUDIT_SUBJECT = f"{OPS_PREFIX}.audit"  # the outbox compared with the stream (contracts.audit.ReadModelAudit)
 
 
 __all__ = [
+    "AUDIT_SUBJECT",
     "NOTIFIER_SERVICE",
     "PARKED_SUBJECT",
     "REPLAY_PARKED_SUBJECT",

@@ -74,6 +74,7 @@ def notifications_subject(programme_id: str, county_code: str) -> str:
 
 
 ACTIONS_ALL = f"{EVENTS_PREFIX}.*.*.actions"
+NOTIFICATIONS_ALL = f"{EVENTS_PREFIX}.*.*.notifications"
 
 
 def refusal_subject(role_token: str, county_token: str) -> str:

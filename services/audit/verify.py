@@ -24,6 +24,7 @@ from contracts.audit import (
     first_break,
 )
 from contracts.ledger import AUDIT_SUBJECT as LEDGER_AUDIT_SUBJECT
+from contracts.notifier import AUDIT_SUBJECT as NOTIFIER_AUDIT_SUBJECT
 from contracts.subjects import AUDIT_ALL, AUDIT_STREAM, EVENTS_ALL, EVENTS_STREAM
 from services.common.jetstream import read_all, read_messages
 from services.common.signing import verify_signature
@@ -70,14 +71,18 @@ async def _name_events(js: JetStreamContext, breaks: list[Break]) -> None:
         breaks[index] = msgspec.structs.replace(found, event_id=event_id or None)
 
 
-async def audit_ledger(nc: NatsClient) -> ReadModelAudit | None:
-    """The ledger's comparison of its read model with the stream; None when no ledger answers."""
+# Each service's comparison of its read model with the stream.
+READ_MODEL_AUDITS = {"ledger": LEDGER_AUDIT_SUBJECT, "notifier": NOTIFIER_AUDIT_SUBJECT}
+
+
+async def audit_read_model(nc: NatsClient, subject: str) -> ReadModelAudit | None:
+    """A service's comparison of its read model with the stream; None when it does not answer."""
     try:
-        reply = await nc.request(LEDGER_AUDIT_SUBJECT, b"{}", timeout=READ_MODEL_TIMEOUT)
+        reply = await nc.request(subject, b"{}", timeout=READ_MODEL_TIMEOUT)
     except (NoRespondersError, NatsTimeoutError):
         return None
     if reply.headers and reply.headers.get("Nats-Service-Error-Code"):
-        raise RuntimeError(f"the ledger could not audit its read model: {reply.data[:500]!r}")
+        raise RuntimeError(f"{subject} could not compare its read model: {reply.data[:500]!r}")
     return msgspec.json.decode(reply.data, type=ReadModelAudit)
 
 
@@ -86,11 +91,11 @@ async def verify_record(nc: NatsClient, trusted: frozenset[str], *, read_models:
     verifier = await verify_chains(js, trusted)
     breaks = list(verifier.breaks)
     checked: list[str] = []
-    if read_models:
-        ledger = await audit_ledger(nc)
-        if ledger is not None:
-            checked.append(f"ledger (to stream sequence {ledger.checked_to}, {sum(ledger.rows.values())} rows)")
-            breaks.extend(ledger.breaks)
+    for name, subject in READ_MODEL_AUDITS.items() if read_models else ():
+        audit = await audit_read_model(nc, subject)
+        if audit is not None:
+            checked.append(f"{name} (to stream sequence {audit.checked_to}, {sum(audit.rows.values())} rows)")
+            breaks.extend(audit.breaks)
     info = await js.stream_info(EVENTS_STREAM)
     return AuditReport(
         ok=not breaks,

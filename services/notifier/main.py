@@ -27,7 +27,14 @@ from nats.js import JetStreamContext
 
 from contracts.directory import Directory, example_directory_path, load_directory
 from contracts.escalation import OpsError
-from contracts.notifier import NOTIFIER_SERVICE, PARKED_SUBJECT, REPLAY_PARKED_SUBJECT, STATUS_SUBJECT, StatusQuery
+from contracts.notifier import (
+    AUDIT_SUBJECT,
+    NOTIFIER_SERVICE,
+    PARKED_SUBJECT,
+    REPLAY_PARKED_SUBJECT,
+    STATUS_SUBJECT,
+    StatusQuery,
+)
 from contracts.replies import ParkedList
 from contracts.subjects import ACTIONS_ALL, EVENTS_STREAM
 from services.common.clock import Clock
@@ -38,6 +45,7 @@ from services.common.micro import json_endpoint, start_micro
 from services.common.postgres import TRANSIENT_ERRORS, create_pool
 from services.common.runtime import Runtime
 from services.notifier import outbox
+from services.notifier.audit import audit_outbox
 from services.notifier.channels.base import Channel, Secret
 from services.notifier.channels.file import FileChannel
 from services.notifier.channels.smtp import SmtpChannel
@@ -193,6 +201,7 @@ async def run(
             endpoints=[
                 json_endpoint("status", STATUS_SUBJECT, StatusQuery, lambda _: notifier.status(), OpsError),
                 json_endpoint("parked", PARKED_SUBJECT, StatusQuery, lambda _: _parked(notifier), OpsError),
+                json_endpoint("audit", AUDIT_SUBJECT, StatusQuery, lambda _: audit_outbox(pool, js), OpsError),
                 json_endpoint(
                     "replay-parked", REPLAY_PARKED_SUBJECT, StatusQuery, lambda _: notifier.replay_parked(), OpsError
                 ),

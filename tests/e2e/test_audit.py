@@ -90,7 +90,7 @@ async def test_an_untouched_record_verifies_with_signed_actions_and_checkpoints(
     assert report.events >= 6 + 3 and report.chains >= 6  # three counties' facts and actions
     assert report.signed_events >= 3 and report.checkpoints >= 1
     assert report.unchained_before_chain == 0
-    assert report.read_models_checked and report.read_models_checked[0].startswith("ledger")
+    assert [name.split()[0] for name in report.read_models_checked] == ["ledger", "notifier"]
 
 
 async def test_an_altered_read_model_row_and_an_invented_one_are_caught(running: Running, fresh_database: str) -> None:
@@ -202,3 +202,29 @@ async def test_a_tampered_stored_event_is_caught_at_its_place(running: Running, 
         # The next event on the same subject now links to a hash nothing has.
         assert first.kind == "relinked" and first.subject == target.subject and (first.stream_sequence or 0) >= 3
         assert any(b.kind == "checkpoint_mismatch" for b in report.breaks)
+
+
+async def test_an_outbox_row_deleted_reset_or_invented_is_caught(running: Running, fresh_database: str) -> None:
+    await _record_some_history(running)
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        sent = await conn.fetch("SELECT message_id FROM notifier.outbox WHERE state = 'sent' ORDER BY message_id")
+        assert len(sent) >= 2, "the actions were told to someone"
+        deleted, reset = sent[0]["message_id"], sent[1]["message_id"]
+        await conn.execute("DELETE FROM notifier.outbox WHERE message_id = $1", deleted)
+        await conn.execute("UPDATE notifier.outbox SET state = 'pending' WHERE message_id = $1", reset)
+        await conn.execute(
+            "INSERT INTO notifier.outbox (message_id, action_id, programme_id, county_code, channel, recipient_id,"
+            " message, next_attempt_at, queued_at) SELECT 'invented', 'no-such-action', programme_id, county_code,"
+            " channel, recipient_id, message, now(), now() FROM notifier.outbox WHERE message_id = $1",
+            reset,
+        )
+    finally:
+        await conn.close()
+    report = await _verify(running)
+    found = {(b.kind, b.where) for b in report.breaks}
+    assert found == {
+        ("read_model_missing", f"notifier.outbox {deleted}"),
+        ("read_model_altered", f"notifier.outbox {reset}"),
+        ("read_model_unexplained", "notifier.outbox invented"),
+    }
