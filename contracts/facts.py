@@ -149,19 +149,25 @@ def apply(programme: Programme, ledger: CountyFacts, sequence: int, envelope: Ev
         return False
     ledger.last_sequence = sequence
     if envelope.submission_id not in ledger.retracted:
-        _apply(ledger, envelope, ZoneInfo(programme.programme.timezone))
+        timezone = programme.programme.timezone
+        _apply(ledger, envelope, _ZONES.get(timezone) or _ZONES.setdefault(timezone, ZoneInfo(timezone)))
     return True
+
+
+_ZONES: dict[str, ZoneInfo] = {}  # ZoneInfo(key) is cached too, but looking it up costs as much as a fold
 
 
 def _apply(ledger: CountyFacts, envelope: EventEnvelope, zone: ZoneInfo) -> None:
     payload = envelope.payload
+    if isinstance(payload, ProgressReported) and 1 < envelope.occurred_at.year < 9999:
+        # Most events. A progress report does not use the local date below, and away from the
+        # first and last year datetime knows, computing it could not fail either: skipped.
+        _progress(ledger, envelope, payload)
+        return
     on = envelope.occurred_at.astimezone(zone).date()
     match payload:
         case ProgressReported():
-            m = ledger.milestones.get(payload.milestone_id)
-            if m is not None:
-                m.percent, m.note, m.reported_at = payload.percent, payload.note, envelope.occurred_at
-                m.steps_done = sorted(set(m.steps_done) | set(payload.steps_done))
+            _progress(ledger, envelope, payload)
         case MilestoneCompleted():
             m = ledger.milestones.get(payload.milestone_id)
             if m is not None:
@@ -257,3 +263,11 @@ def _apply(ledger: CountyFacts, envelope: EventEnvelope, zone: ZoneInfo) -> None
                 action.state, action.decided_by, action.waive_reason = "waived", payload.operator, payload.reason
         case _:
             pass
+
+
+def _progress(ledger: CountyFacts, envelope: EventEnvelope, payload: ProgressReported) -> None:
+    m = ledger.milestones.get(payload.milestone_id)
+    if m is not None:
+        m.percent, m.note, m.reported_at = payload.percent, payload.note, envelope.occurred_at
+        if payload.steps_done or m.steps_done:  # (both empty: [] stays [])
+            m.steps_done = sorted(set(m.steps_done).union(payload.steps_done))

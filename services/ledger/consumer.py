@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from itertools import starmap
 
 import structlog
 from nats.js import JetStreamContext
@@ -59,4 +60,4 @@ async def supervise_live(
 async def read_stream(js: JetStreamContext, batch_size: int = REBUILD_BATCH) -> AsyncIterator[list[StoredMessage]]:
     """Every event from the first to the last stored when called, in batches, in order."""
     async for batch in read_all(js, EVENTS_STREAM, EVENTS_ALL, batch_size):
-        yield [StoredMessage(sequence, data) for sequence, data in batch]
+        yield list(starmap(StoredMessage, batch))

@@ -14,7 +14,8 @@ a few procedure findings and retractions), appends them, and measures:
 
 1. append rate (core publish with a reply inbox, acks gathered in windows);
 2. baselines in the same run: nats-py's ordered consumer reading every message and doing nothing
-   (callback and ``next_msg`` variants), the same plus ``decode_event`` of each envelope, and the
+   (callback and ``next_msg`` variants), the same plus ``decode_event`` (and the rebuild's
+   ``decode_stored_event``) of each envelope, and the
    ledger's own ``read_stream`` iterated with no database;
 3. ``LedgerProjection.rebuild(read_stream(js))`` after ``migrate()``: events/s, ratio to the raw
    rate, peak RSS during it (and the delta over the RSS before it), CPU seconds of this process,
@@ -81,6 +82,7 @@ from contracts.events import (  # noqa: E402
     SubmissionRetracted,
     TrialOperationStarted,
     decode_event,
+    decode_stored_event,
     encode_event,
     event_type_of,
 )
@@ -562,7 +564,9 @@ async def bulk_append(nc: NatsClient, source: EventSource, n: int, window: int, 
     }
 
 
-async def raw_consume_cb(js: JetStreamContext, n: int, decode: bool) -> float:
+async def raw_consume_cb(
+    js: JetStreamContext, n: int, decode: bool, decoder: Callable[[bytes], object] = decode_event
+) -> float:
     """Ordered push consumer with a callback that does nothing (or only decodes); seconds for n."""
     done = asyncio.Event()
     count = 0
@@ -570,7 +574,7 @@ async def raw_consume_cb(js: JetStreamContext, n: int, decode: bool) -> float:
     async def handler(msg: Msg) -> None:
         nonlocal count
         if decode:
-            decode_event(msg.data)
+            decoder(msg.data)
         count += 1
         if count >= n:
             done.set()
@@ -952,6 +956,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             ("raw_ordered_cb", lambda: raw_consume_cb(js, n, decode=False)),
             ("raw_ordered_next_msg", lambda: raw_consume_next(js, n)),
             ("raw_ordered_cb_decode", lambda: raw_consume_cb(js, n, decode=True)),
+            (
+                "raw_ordered_cb_decode_stored",
+                lambda: raw_consume_cb(js, n, decode=True, decoder=decode_stored_event),
+            ),
         )
         for name, run in runs:
             errors0 = dict(NATS_ERRORS)
@@ -1166,7 +1174,7 @@ async def profiled_rebuild(projection: LedgerProjection, js: JetStreamContext, p
     profiler = Profiler(interval=0.001, async_mode="disabled")
     t0 = time.perf_counter()
     profiler.start()
-    result = await projection.rebuild(callback_read_stream(js))
+    result = await projection.rebuild(read_stream(js))  # the ledger's own reader, as in step 3
     profiler.stop()
     seconds = time.perf_counter() - t0
     path.write_text(profiler.output_text(unicode=True, color=False, show_all=False))  # noqa: ASYNC240
@@ -1200,6 +1208,7 @@ def render_table(r: dict[str, Any]) -> str:
         ("raw_ordered_cb", "raw ordered consumer, cb, no work [BASELINE]"),
         ("raw_ordered_next_msg", "raw ordered consumer, next_msg loop"),
         ("raw_ordered_cb_decode", "raw ordered consumer + decode_event"),
+        ("raw_ordered_cb_decode_stored", "raw ordered consumer + decode_stored_event"),
         ("read_stream_no_db", "ledger read_stream(), no database"),
     ):
         x = b[name]
