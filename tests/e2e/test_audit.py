@@ -106,7 +106,7 @@ async def test_an_altered_read_model_row_and_an_invented_one_are_caught(running:
             PROGRAMME,
         )
         await conn.execute(
-            "UPDATE ledger.event_log SET envelope = jsonb_set(envelope, '{payload,percent}', '95')"
+            "UPDATE ledger.event_log SET envelope = jsonb_set(envelope::jsonb, '{payload,percent}', '95')::json"
             " WHERE stream_sequence = 2"
         )
     finally:
