@@ -67,7 +67,6 @@ def load_yaml_struct(path: Path, type_: type[T], error: type[DataFileError]) -> 
     except UnicodeDecodeError as exc:
         raise error(path, None, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        root = yaml.compose(text, Loader=_UniqueKeyLoader)
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -78,8 +77,14 @@ def load_yaml_struct(path: Path, type_: type[T], error: type[DataFileError]) -> 
     except RecursionError:
         raise error(path, None, None, "not valid YAML: nested too deeply") from None
 
+    # The node tree (with its marks) costs ~100× the text, more than the values: it is composed
+    # only when a line is asked for (an error), not next to the values at every load.
+    nodes: list[yaml.Node | None] = []
+
     def locate(key_path: str) -> int | None:
-        return _line_of(root, key_path)
+        if not nodes:
+            nodes.append(yaml.compose(text, Loader=_UniqueKeyLoader))  # it loaded: it composes
+        return _line_of(nodes[0], key_path)
 
     if data is None:
         raise error(path, None, None, "the file is empty")

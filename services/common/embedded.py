@@ -75,10 +75,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import asyncpg
 import structlog
 
 log = structlog.get_logger(__name__)
+
+
+def _asyncpg() -> Any:
+    """asyncpg, imported when a PostgreSQL is started here: a service without one (escalation)
+    does not carry it (~3 MB of memory)."""
+    import asyncpg
+
+    return asyncpg
+
 
 MIN_NATS_VERSION: tuple[int, int, int] = (2, 12, 3)
 ONE_MIB = 1024 * 1024
@@ -950,6 +958,7 @@ class EmbeddedPostgres:
                     f"postgres not accepting connections after {self.startup_timeout}s "
                     f"({last_err}); log {self.log_path} tail:\n{_tail(self.log_path)}"
                 )
+            asyncpg = _asyncpg()
             try:
                 conn = await asyncpg.connect(self.admin_dsn, timeout=2.0)
             except (OSError, TimeoutError, asyncpg.PostgresError) as e:
@@ -960,6 +969,7 @@ class EmbeddedPostgres:
             return
 
     async def _ensure_database(self) -> None:
+        asyncpg = _asyncpg()
         conn = await asyncpg.connect(self.admin_dsn, timeout=10.0)
         try:
             exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.database)

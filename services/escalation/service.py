@@ -42,6 +42,7 @@ from services.common.chain import ChainedPublisher
 from services.common.clock import Clock
 from services.common.micro import EndpointFailure
 from services.common.signing import Signer
+from services.escalation.history import CountyHistory
 from services.escalation.ladder import Judge, due_actions
 
 log = structlog.get_logger(__name__)
@@ -73,7 +74,8 @@ class EscalationService:
         self._clock = clock
         self._timeout = timeout
         self._facts: dict[Key, CountyFacts] = {}
-        self._history: dict[Key, list[tuple[int, EventEnvelope]]] = {}
+        # What a refold and _proposal read of each county's events (not the envelopes: history.py).
+        self._history: dict[Key, CountyHistory] = {}
         self._appended: set[str] = set()  # action ids appended and not yet seen back
         self._lock = asyncio.Lock()
         self.observed_sequence = 0  # the last stream sequence folded in
@@ -88,15 +90,19 @@ class EscalationService:
         if judge is None:
             return None
         key = (envelope.programme_id, envelope.county_code)
-        history = self._history.setdefault(key, [])
-        history.append((sequence, envelope))
+        history = self._history.get(key)
+        if history is None:
+            history = self._history[key] = CountyHistory()
+        kept = history.append(sequence, envelope)
+        if kept is not envelope.payload:  # fold the kept payload (it folds the same): the facts share it
+            envelope = msgspec.structs.replace(envelope, payload=kept)
         facts = self._facts.get(key) or new_facts(judge.programme, envelope.county_code)
         try:
             if not apply(judge.programme, facts, sequence, envelope):
-                facts = fold(judge.programme, envelope.county_code, history)
+                facts = fold(judge.programme, envelope.county_code, history.events())
         except Exception:
             history.pop()  # the county as if the event were not there (apply may have half-changed it)
-            self._facts[key] = fold(judge.programme, envelope.county_code, history)
+            self._facts[key] = fold(judge.programme, envelope.county_code, history.events())
             raise
         self._facts[key] = facts
         action_id = getattr(envelope.payload, "action_id", None)
@@ -239,9 +245,10 @@ class EscalationService:
             return _view(key, action)
 
     def _proposal(self, key: Key, action_id: str) -> ActionProposed:
-        for _, envelope in reversed(self._history.get(key, [])):
-            if isinstance(envelope.payload, ActionProposed) and envelope.payload.action_id == action_id:
-                return envelope.payload
+        history = self._history.get(key)
+        proposal = history.proposal(action_id) if history is not None else None
+        if proposal is not None:
+            return proposal
         raise OpsFailure("unknown_action", "找不到该督办事项的提议", "the proposal is not on record", action_id)
 
 

@@ -18,7 +18,6 @@ from contracts.commands import Role
 from services.common.clock import SystemClock
 from services.common.runtime import client_runtime, client_settings
 from services.common.settings import Settings
-from services.gateway.app import render_openapi
 from services.gateway.tokens import TokenError, TokenStore, tokens_path
 
 OPENAPI_FILE = Path("contracts/openapi.json")
@@ -141,6 +140,9 @@ def openapi(
     ] = None,
 ) -> None:
     """Print the gateway's OpenAPI document (or write it with --out)."""
+    # Imported here: the app (FastAPI, FastStream) is ~20 MB of every `duban` process's memory.
+    from services.gateway.app import render_openapi
+
     text = render_openapi()
     if out is None:
         print(text, end="")
