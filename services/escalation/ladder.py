@@ -36,6 +36,12 @@ class Judge:
     _table_deadlines: dict[tuple[str, str], list[tuple[str, dt.date, dt.date]]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # Dates and texts every county shares, computed once per judge: a first tick over thousands
+    # of counties that missed everything makes 10⁵ actions from a few dozen distinct ones.
+    _shifted: dict[tuple[dt.date, int], dt.date] = field(default_factory=dict, repr=False, compare=False)
+    _deadlines: dict[tuple[bool, dt.date], dt.date] = field(default_factory=dict, repr=False, compare=False)
+    _level_fields: dict[tuple[str, str], dict[str, object]] = field(default_factory=dict, repr=False, compare=False)
+    _missing: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def pinned_policies(self, facts: CountyFacts) -> dict[str, Policy]:
         """Milestone → the policy of its first action (recorded actions keep stream order)."""
@@ -58,7 +64,38 @@ class Judge:
         return cached
 
     def deadline(self, policy: Policy, day: dt.date) -> dt.date:
-        return self.calendar.next_workday(day) if policy.roll_rest_day_deadlines else day
+        key = (policy.roll_rest_day_deadlines, day)
+        found = self._deadlines.get(key)
+        if found is None:
+            found = self._deadlines[key] = self.calendar.next_workday(day) if policy.roll_rest_day_deadlines else day
+        return found
+
+    def shifted(self, day: dt.date, workdays: int) -> dt.date:
+        """``calendar.add_workdays``, remembered."""
+        found = self._shifted.get((day, workdays))
+        if found is None:
+            found = self._shifted[(day, workdays)] = self.calendar.add_workdays(day, workdays)
+        return found
+
+    def level_fields(self, level: Level, policy: Policy) -> dict[str, object]:
+        """The fields every action of ``level`` under ``policy`` shares."""
+        key = (policy.version, level.id)
+        found = self._level_fields.get(key)
+        if found is None:
+            found = self._level_fields[key] = {
+                "level_id": level.id,
+                "level_name": level.name,
+                "policy_version": policy.version,
+                "addressed": tuple(role.value for role in level.addressed),
+                "urgent": level.urgent,
+            }
+        return found
+
+    def missing(self, milestone: Milestone) -> str:
+        found = self._missing.get(milestone.id)
+        if found is None:
+            found = self._missing[milestone.id] = _missing(self.programme, milestone)
+        return found
 
 
 def due_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> list[ActionIssued | ActionProposed]:
@@ -81,15 +118,8 @@ def _all_due(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterator[Actio
     yield from _second_offence_actions(judge, facts, today)
 
 
-def _make(level: Level, policy: Policy, fields: dict[str, object]) -> ActionIssued | ActionProposed:
-    common = {
-        "level_id": level.id,
-        "level_name": level.name,
-        "policy_version": policy.version,
-        "addressed": tuple(role.value for role in level.addressed),
-        "urgent": level.urgent,
-        **fields,
-    }
+def _make(judge: Judge, level: Level, policy: Policy, fields: dict[str, object]) -> ActionIssued | ActionProposed:
+    common = {**judge.level_fields(level, policy), **fields}
     return ActionProposed(**common) if level.confirm else ActionIssued(**common)  # type: ignore[arg-type]
 
 
@@ -115,16 +145,17 @@ def _milestone_actions(
         if action_id in facts.actions:
             continue  # on record: judged before
         if level.trigger is Trigger.BEFORE_DEADLINE:
-            due_on = cal.add_workdays(deadline, -level.workdays)
+            due_on = judge.shifted(deadline, -level.workdays)
             if not due_on <= today <= deadline:
                 continue
             workdays = cal.workdays_between(today, deadline)
         else:
-            due_on = cal.add_workdays(deadline, level.workdays)
+            due_on = judge.shifted(deadline, level.workdays)
             if today < due_on:
                 continue
             workdays = cal.workdays_between(deadline, today)
         yield _make(
+            judge,
             level,
             policy,
             {
@@ -133,7 +164,7 @@ def _milestone_actions(
                 "milestone_id": milestone.id,
                 "deadline": deadline,
                 "workdays": workdays,
-                "missing_zh": _missing(judge.programme, milestone),
+                "missing_zh": judge.missing(milestone),
                 "explanation_zh": _explain_milestone(
                     judge.programme,
                     milestone,
@@ -167,6 +198,7 @@ def _progress_table_actions(
                 continue
             late = f"于{_zh(filed.filed_on)}逾期报送" if filed else "截至目前仍未报送"
             yield _make(
+                judge,
                 level,
                 policy,
                 {
@@ -212,6 +244,7 @@ def _trial_report_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> I
             if action_id not in facts.actions and (filed is None or filed.filed_on > due):
                 late = f"于{_zh(filed.filed_on)}逾期报送" if filed else "截至目前仍未报送"
                 yield _make(
+                    judge,
                     level,
                     policy,
                     {
@@ -264,6 +297,7 @@ def _readiness_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> Iter
             started = _zh(facts.trial_started_on)
             why = f"系统于{started}开始试运行，{month}试运行月报{what}，稳定运行须自{restart}重新计算"
         yield _make(
+            judge,
             level,
             policy,
             {
@@ -298,6 +332,7 @@ def _finding_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterat
             milestone = judge.programme.milestone(finding.milestone_id or "")
             about = f"里程碑{milestone.id}《{milestone.title}》" if milestone else ""
             yield _make(
+                judge,
                 level,
                 policy,
                 {
@@ -329,6 +364,7 @@ def _second_offence_actions(
             if action_id in facts.actions:
                 continue
             yield _make(
+                judge,
                 level,
                 policy,
                 {
