@@ -155,7 +155,7 @@ def demo(
         f"一览表: [bold]{summary.xlsx}[/]   e-mails: [bold]{summary.emails_received}[/] in {summary.mailbox} "
         f"(Maildir)   SMS: [bold]{summary.sms_written}[/] in {summary.sms_file}   summary: {out / 'summary.json'}\n"
         + (
-            "the record verified: every event on its chain, the checkpoints signed, the ledger as the events say"
+            "the record verified: every event on its chain, the checkpoints signed, the read models as the events say"
             if summary.record_verified
             else "[red]the record did NOT verify[/] (see duban.log)"
         )
