@@ -59,7 +59,7 @@ class Judge:
             cached = []
             for period in self.programme.reporting_periods():
                 due = self.deadline(policy, self.programme.progress_table_due(period))
-                cached.append((period, due, self.calendar.add_workdays(due, level.workdays)))
+                cached.append((period, due, self.shifted(due, level.workdays)))
             self._table_deadlines[key] = cached
         return cached
 
@@ -196,24 +196,51 @@ def _progress_table_actions(
             filed = facts.progress_tables.get(period)
             if filed is not None and filed.filed_on <= due:
                 continue
-            late = f"于{_zh(filed.filed_on)}逾期报送" if filed else "截至目前仍未报送"
-            yield _make(
+            yield _missed_report(
                 judge,
                 level,
                 policy,
-                {
-                    "action_id": action_id,
-                    "due_on": due_on,
-                    "period": period,
-                    "deadline": due,
-                    "workdays": judge.calendar.workdays_between(due, today),
-                    "missing_zh": f"{period}督查进度一览表",
-                    "explanation_zh": (
-                        f"{_period_zh(period)}督查进度一览表应于{_zh(due)}前报送，{late}，"
-                        f"依据督办政策{policy.version}“{level.name}”，{_confirm_zh(level)}"
-                    ),
-                },
+                action_id,
+                period,
+                due,
+                due_on,
+                today,
+                filed.filed_on if filed else None,
+                "督查进度一览表",
             )
+
+
+def _missed_report(
+    judge: Judge,
+    level: Level,
+    policy: Policy,
+    action_id: str,
+    period: str,
+    due: dt.date,
+    due_on: dt.date,
+    today: dt.date,
+    filed_on: dt.date | None,
+    report_zh: str,
+) -> ActionIssued | ActionProposed:
+    """A monthly report (progress table, trial-operation report) not filed by its due date."""
+    late = f"于{_zh(filed_on)}逾期报送" if filed_on else "截至目前仍未报送"
+    return _make(
+        judge,
+        level,
+        policy,
+        {
+            "action_id": action_id,
+            "due_on": due_on,
+            "period": period,
+            "deadline": due,
+            "workdays": judge.calendar.workdays_between(due, today),
+            "missing_zh": f"{period}{report_zh}",
+            "explanation_zh": (
+                f"{_period_zh(period)}{report_zh}应于{_zh(due)}前报送，{late}，"
+                f"依据督办政策{policy.version}“{level.name}”，{_confirm_zh(level)}"
+            ),
+        },
+    )
 
 
 def _trial_report_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> Iterator[ActionIssued | ActionProposed]:
@@ -229,36 +256,29 @@ def _trial_report_actions(judge: Judge, facts: CountyFacts, today: dt.date) -> I
     steps = AcceptanceSteps.of(programme)
     pre = steps.milestone(programme, steps.pre_kind)
     finished = facts.milestones[pre.id].completed_on if pre is not None else None
-    cal = judge.calendar
     for level in levels:
         period = period_of(started)
         while True:
             if finished is not None and month_end(period) >= finished:
                 break  # pre-acceptance done: the month it was done in, and later ones, need no report
             due = judge.deadline(policy, programme.trial_report_due(period))
-            due_on = cal.add_workdays(due, level.workdays)
+            due_on = judge.shifted(due, level.workdays)
             if today < due_on:
                 break  # months are in order: later ones are not due either
             action_id = _action_id(judge, facts, level.id, period)
             filed = facts.trial_reports.get(period)
             if action_id not in facts.actions and (filed is None or filed.filed_on > due):
-                late = f"于{_zh(filed.filed_on)}逾期报送" if filed else "截至目前仍未报送"
-                yield _make(
+                yield _missed_report(
                     judge,
                     level,
                     policy,
-                    {
-                        "action_id": action_id,
-                        "due_on": due_on,
-                        "period": period,
-                        "deadline": due,
-                        "workdays": cal.workdays_between(due, today),
-                        "missing_zh": f"{period}试运行月报",
-                        "explanation_zh": (
-                            f"{_period_zh(period)}试运行月报应于{_zh(due)}前报送，{late}，"
-                            f"依据督办政策{policy.version}“{level.name}”，{_confirm_zh(level)}"
-                        ),
-                    },
+                    action_id,
+                    period,
+                    due,
+                    due_on,
+                    today,
+                    filed.filed_on if filed else None,
+                    "试运行月报",
                 )
             period = next_period(period)
 
