@@ -87,7 +87,10 @@ from contracts.programme import Programme  # noqa: E402
 from contracts.workdays import WorkdayCalendar  # noqa: E402
 from services.escalation.ladder import Judge, due_actions  # noqa: E402
 from services.escalation.replay import compare, replay  # noqa: E402
-from tests.bench.synthetic import synthetic_programme  # noqa: E402
+from tests.bench.synthetic import (  # noqa: E402
+    log,
+    synthetic_programme,
+)
 from tests.story import Story  # noqa: E402
 
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -741,10 +744,6 @@ def profile(
 # ------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def render(r: dict[str, Any]) -> str:

@@ -39,15 +39,11 @@ import datetime as dt
 import gc
 import hashlib
 import json
-import logging
 import os
 import pickle
-import platform
 import random
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -60,7 +56,6 @@ if str(ROOT) not in sys.path:
 
 import asyncpg  # noqa: E402
 import nats  # noqa: E402
-import structlog  # noqa: E402
 from nats.aio.client import Client as NatsClient  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 from nats.js import JetStreamContext  # noqa: E402
@@ -89,12 +84,18 @@ from contracts.events import (  # noqa: E402
 from contracts.payloads import Document, ExtensionOutcome, ProgressTableLine, ReviewOutcome  # noqa: E402
 from contracts.programme import Decider, Programme  # noqa: E402
 from contracts.subjects import EVENT_TYPE_HEADER, EVENTS_ALL, EVENTS_STREAM, aggregate_subject  # noqa: E402
-from services.common.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from services.common.jetstream import ensure_streams  # noqa: E402
 from services.common.postgres import create_pool  # noqa: E402
 from services.ledger.consumer import read_stream, supervise_live  # noqa: E402
 from services.ledger.projection import READ_MODEL_TABLES, LedgerProjection, StoredMessage, migrate  # noqa: E402
-from tests.bench.synthetic import print_results, synthetic_programme  # noqa: E402
+from tests.bench.synthetic import (  # noqa: E402
+    bench_servers,
+    log,
+    run_benchmark,
+    run_header,
+    synthetic_programme,
+    tear_down,
+)
 
 CST = dt.timezone(dt.timedelta(hours=8))
 PROGRAMME_START = dt.datetime(2017, 3, 1, 9, 0, tzinfo=CST)
@@ -891,14 +892,9 @@ async def lag_child(job_path: str, out_path: str) -> None:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "args": {k: v for k, v in vars(args).items() if k != "json"},
-    }
-    tmp = Path(tempfile.mkdtemp(prefix="duban-bench-", dir=args.tmpdir))
-    nats_server = EmbeddedNats(tmp / "nats", server_name="duban-bench")
-    pg = EmbeddedPostgres(tmp / "postgres", durable=True)
+    results: dict[str, Any] = run_header(args)
+    tmp, nats_server, pg = bench_servers("duban-bench-", "duban-bench", args.tmpdir)
+    assert pg is not None
     nc: NatsClient | None = None
     pool: asyncpg.Pool | None = None
     live: LiveLedger | None = None
@@ -1155,14 +1151,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
-        with contextlib.suppress(Exception):
-            await nats_server.stop()
-        with contextlib.suppress(Exception):
-            await pg.destroy()
-        if args.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        await tear_down(tmp, args.keep, nats_server, pg)
 
 
 async def profiled_rebuild(projection: LedgerProjection, js: JetStreamContext, path: Path) -> dict[str, Any]:
@@ -1184,10 +1173,6 @@ async def profiled_rebuild(projection: LedgerProjection, js: JetStreamContext, p
     path.with_suffix(".flat.txt").write_text(profiler.output(flat))
     path.with_suffix(".html").write_text(profiler.output_html())
     return {"seconds_with_profiler": round(seconds, 2), "events": result.events, "text": str(path)}
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def render_table(r: dict[str, Any]) -> str:
@@ -1342,10 +1327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(lag_child(argv[1], argv[2]))
         return 0
     args = parse_args(argv)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    results = asyncio.run(bench(args))
-    print_results(render_table(results), results, args.json)
-    return 0
+    return run_benchmark(args, bench, render_table)
 
 
 if __name__ == "__main__":

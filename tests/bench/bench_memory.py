@@ -46,16 +46,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import gc
 import json
-import logging
 import os
-import platform
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections import Counter
@@ -69,13 +64,18 @@ if str(ROOT) not in sys.path:
 
 import msgspec  # noqa: E402
 import nats  # noqa: E402
-import structlog  # noqa: E402
 from nats.aio.client import Client as NatsClient  # noqa: E402
 
 from contracts.subjects import EVENTS_STREAM, submit_subject  # noqa: E402
-from services.common.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from services.common.jetstream import ensure_streams  # noqa: E402
-from tests.bench.synthetic import print_results, synthetic_programme  # noqa: E402
+from tests.bench.synthetic import (  # noqa: E402
+    bench_servers,
+    log,
+    run_benchmark,
+    run_header,
+    synthetic_programme,
+    tear_down,
+)
 
 SELF = str(Path(__file__).resolve())
 GOAL_MB = 200.0  # peak RSS per service process, in MB (10^6 bytes)
@@ -87,10 +87,6 @@ STATUS = {
     "submissions": "duban.ops.submissions.status",
 }
 NOTIFIER_DURABLE = "notifier"
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -430,15 +426,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"cannot import the event generator from tests/bench/bench_ledger.py: {exc}") from exc
 
     results: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "args": {k: v for k, v in vars(args).items() if k != "json"},
+        **run_header(args),
         "goal_mb": GOAL_MB,
         "services": [],
     }
-    tmp = Path(tempfile.mkdtemp(prefix="duban-bench-mem-", dir=args.tmpdir))
-    nats_server = EmbeddedNats(tmp / "nats", server_name="duban-bench-memory")
-    pg = EmbeddedPostgres(tmp / "postgres", durable=True)
+    tmp, nats_server, pg = bench_servers("duban-bench-mem-", "duban-bench-memory", args.tmpdir)
+    assert pg is not None
     nc: NatsClient | None = None
     try:
         await nats_server.start()
@@ -502,14 +495,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
-        with contextlib.suppress(Exception):
-            await nats_server.stop()
-        with contextlib.suppress(Exception):
-            await pg.destroy()
-        if args.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        await tear_down(tmp, args.keep, nats_server, pg)
 
 
 async def reset_ledger(dsn: str) -> None:
@@ -620,10 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--traced-up"]:
         return traced_main(argv)
     args = parse_args(argv)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    results = asyncio.run(bench(args))
-    print_results(render_table(results), results, args.json)
-    return 0
+    return run_benchmark(args, bench, render_table)
 
 
 if __name__ == "__main__":

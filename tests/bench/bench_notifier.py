@@ -48,7 +48,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -92,7 +91,11 @@ from services.notifier.channels.file import FileChannel  # noqa: E402
 from services.notifier.channels.smtp import SmtpChannel, build_email  # noqa: E402
 from services.notifier.delivery import NotifierSettings  # noqa: E402
 from services.notifier.service import Notifier  # noqa: E402
-from tests.bench.synthetic import print_results, synthetic_programme  # noqa: E402
+from tests.bench.synthetic import (  # noqa: E402
+    print_results,
+    run_header,
+    synthetic_programme,
+)
 
 SELF = str(Path(__file__).resolve())
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -706,11 +709,7 @@ async def fanout_baseline(servers: Servers, tmp: Path, messages: int) -> dict[st
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "args": {k: v for k, v in vars(args).items() if k not in ("json", "serve_child")},
-    }
+    results: dict[str, Any] = run_header(args, exclude=("json", "serve_child"))
     tmp = Path(tempfile.mkdtemp(prefix="duban-bench-notifier-", dir=args.tmpdir))
     log_file = (tmp / "notifier.log").open("w", encoding="utf-8")
     configure_logging("json", args.log_level)

@@ -40,13 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
-import logging
-import os
-import platform
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -59,12 +53,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import nats  # noqa: E402
-import structlog  # noqa: E402
 
 from contracts.subjects import submit_subject  # noqa: E402
 from services.common.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from services.common.jetstream import ensure_streams  # noqa: E402
-from tests.bench.synthetic import print_results, synthetic_programme  # noqa: E402
+from tests.bench.synthetic import (  # noqa: E402
+    bench_servers,
+    log,
+    run_benchmark,
+    run_header,
+    synthetic_programme,
+    tear_down,
+)
 
 MISSING = (
     "bench_peer: the 'eventsourcing' library is not installed, so there is nothing to compare with.\n"
@@ -72,10 +72,6 @@ MISSING = (
     "    .venv/bin/pip install 'eventsourcing[postgres]' psycopg-binary\n"
     "then run this again."
 )
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def have_eventsourcing() -> bool:
@@ -379,14 +375,9 @@ async def duban_side(
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "args": {k: v for k, v in vars(args).items() if k != "json"},
-    }
-    tmp = Path(tempfile.mkdtemp(prefix="duban-bench-peer-", dir=args.tmpdir))
-    nats_server = EmbeddedNats(tmp / "nats", server_name="duban-bench-peer")
-    pg = EmbeddedPostgres(tmp / "postgres", durable=True)
+    results: dict[str, Any] = run_header(args)
+    tmp, nats_server, pg = bench_servers("duban-bench-peer-", "duban-bench-peer", args.tmpdir)
+    assert pg is not None
     codes = [c.code for c in synthetic_programme(args.units).counties]
     try:
         await nats_server.start()
@@ -403,14 +394,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         return results
     finally:
-        with contextlib.suppress(Exception):
-            await nats_server.stop()
-        with contextlib.suppress(Exception):
-            await pg.destroy()
-        if args.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        await tear_down(tmp, args.keep, nats_server, pg)
 
 
 def render_table(r: dict[str, Any]) -> str:
@@ -463,10 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not have_eventsourcing():
         print(MISSING)
         return 0
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    results = asyncio.run(bench(args))
-    print_results(render_table(results), results, args.json)
-    return 0
+    return run_benchmark(args, bench, render_table)
 
 
 if __name__ == "__main__":

@@ -52,17 +52,13 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import datetime as dt
 import itertools
 import json
-import logging
 import os
-import platform
 import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -75,7 +71,6 @@ if str(ROOT) not in sys.path:
 
 import msgspec  # noqa: E402
 import nats  # noqa: E402
-import structlog  # noqa: E402
 from nats.aio.client import Client as NatsClient  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 from nats.js import JetStreamContext  # noqa: E402
@@ -90,7 +85,14 @@ from services.submissions.app import MAX_IN_FLIGHT  # noqa: E402
 from services.submissions.record import CountyRecord  # noqa: E402
 from services.submissions.service import SubmissionsService  # noqa: E402
 from services.submissions.store import EventStore  # noqa: E402
-from tests.bench.synthetic import print_results, synthetic_programme  # noqa: E402
+from tests.bench.synthetic import (  # noqa: E402
+    bench_servers,
+    log,
+    run_benchmark,
+    run_header,
+    synthetic_programme,
+    tear_down,
+)
 
 SELF = str(Path(__file__).resolve())
 GOAL_THROUGHPUT_RATIO = 0.5  # service ≥ half the bare responder's throughput
@@ -130,10 +132,6 @@ def summary_ms(values: list[float]) -> dict[str, float]:
         "max": round(s[-1] * 1000, 2),
         "mean": round(sum(s) / len(s) * 1000, 3),
     }
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -683,15 +681,12 @@ async def run_level(
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     global PROGRAMME_ID
     results: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "args": {k: v for k, v in vars(args).items() if k != "json"},
+        **run_header(args),
         "levels": [],
     }
     programme = synthetic_programme(args.units)
     PROGRAMME_ID = programme.id
-    tmp = Path(tempfile.mkdtemp(prefix="duban-bench-subm-", dir=args.tmpdir))
-    server = EmbeddedNats(tmp / "nats", server_name="duban-bench-submissions")
+    tmp, server, _ = bench_servers("duban-bench-subm-", "duban-bench-submissions", args.tmpdir, postgres=False)
     ctl: NatsClient | None = None
     children: dict[str, ServerChild] = {}
     try:
@@ -724,12 +719,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         if ctl is not None:
             with contextlib.suppress(Exception):
                 await ctl.close()
-        with contextlib.suppress(Exception):
-            await server.stop()
-        if args.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        await tear_down(tmp, args.keep, server)
 
 
 async def raw_catch_up(js: JetStreamContext, subjects: dict[str, int], concurrency: int) -> float:
@@ -1060,10 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--serve"]:
         return child_main(argv)
     args = parse_args(argv)
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    results = asyncio.run(bench(args))
-    print_results(render_table(results), results, args.json)
-    return 0
+    return run_benchmark(args, bench, render_table)
 
 
 if __name__ == "__main__":
