@@ -7,12 +7,14 @@ import contextlib
 import datetime as dt
 import itertools
 import json
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import nats
+import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
@@ -163,3 +165,11 @@ async def start_task(
 async def stop_task(task: asyncio.Task[None], stop: asyncio.Event) -> None:
     stop.set()
     await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture(autouse=True)
+def clean_service_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autouse where imported: the services read passwords and gateway settings from the environment first."""
+    for name in list(os.environ):
+        if name.startswith(("DUBAN_NATS_PASSWORD_", "DUBAN_GATEWAY_")):
+            monkeypatch.delenv(name)

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.errors import Error as NatsError
@@ -58,3 +59,12 @@ async def loopback_cluster(root: Path, name: str) -> AsyncIterator[list[Embedded
 
 def describe(nodes: list[EmbeddedNats]) -> str:
     return "\n".join(f"--- {n.server_name} log (running: {n.running}) ---\n{tail(n.log_path, 12)}" for n in nodes)
+
+
+def on_cluster(nodes: list[EmbeddedNats]) -> dict[str, Any]:
+    """A scenario's arguments for services on the cluster: its URLs, streams at R3, its logs."""
+    return {
+        "nats_urls": [n.url for n in nodes],
+        "extra_env": {"DUBAN_STREAM_REPLICAS": str(NODES)},
+        "describe_infra": lambda: describe(nodes),
+    }

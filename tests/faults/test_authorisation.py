@@ -21,6 +21,7 @@ Every probe counts in ``offered["authorisation probes"]``; anything that got thr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -145,9 +146,9 @@ class Probe:
         return await self.last(EVENTS_STREAM), await self.last(REFUSALS_STREAM)
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def probe(secured_nats: SecuredNats, tmp_path: Path) -> AsyncIterator[Probe]:
-    async with gateway_stack(secured_nats, tmp_path / "tokens.json") as stack:
+@contextlib.asynccontextmanager
+async def _probing(secured_nats: SecuredNats, tmp_path: Path, database_url: str | None = None) -> AsyncIterator[Probe]:
+    async with gateway_stack(secured_nats, tmp_path / "tokens.json", database_url) as stack:
         found = Probe(secured_nats, stack.ops, stack.last, stack.base_url, stack.issue)
         try:
             yield found
@@ -155,6 +156,12 @@ async def probe(secured_nats: SecuredNats, tmp_path: Path) -> AsyncIterator[Prob
             for user in found.users:
                 if not user.nc.is_closed:
                     await user.nc.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def probe(secured_nats: SecuredNats, tmp_path: Path) -> AsyncIterator[Probe]:
+    async with _probing(secured_nats, tmp_path) as found:
+        yield found
 
 
 def refused_as(reply: Accepted | Refused, code: ErrorCode, what: str) -> bool:
@@ -263,14 +270,8 @@ async def test_a_county_reaches_no_operator_query_stream_or_jetstream_subject(pr
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def probe_with_ledger(secured_nats: SecuredNats, fresh_database: str, tmp_path: Path) -> AsyncIterator[Probe]:
-    async with gateway_stack(secured_nats, tmp_path / "tokens.json", fresh_database) as stack:
-        found = Probe(secured_nats, stack.ops, stack.last, stack.base_url, stack.issue)
-        try:
-            yield found
-        finally:
-            for user in found.users:
-                if not user.nc.is_closed:
-                    await user.nc.close()
+    async with _probing(secured_nats, tmp_path, fresh_database) as found:
+        yield found
 
 
 async def test_a_county_cannot_have_a_service_write_for_it_through_the_reply_subject(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,14 @@ from services.gateway.tokens import TokenStore
 from services.ledger import main as ledger_main
 from services.submissions import main as submissions_main
 from tests.faults.report import PROFILE, REPORT
-from tests.harness import NOW, PROGRAMME, reset_streams, start_task, stop_task
+from tests.harness import (
+    NOW,
+    PROGRAMME,
+    clean_service_environment,  # noqa: F401 (autouse)
+    reset_streams,
+    start_task,
+    stop_task,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -97,14 +103,6 @@ async def secured_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     env = ensure_generated_passwords(users, base / "secrets", environ={})  # not the developer's own
     async with EmbeddedNats(base / "nats", extra_config=render_server_auth(users), env=env) as server:
         yield SecuredNats(server, base, env)
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The services read passwords and gateway settings from the environment first."""
-    for name in list(os.environ):
-        if name.startswith(("DUBAN_NATS_PASSWORD_", "DUBAN_GATEWAY_")):
-            monkeypatch.delenv(name)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from nats.js.errors import Error as JsError
 
 from contracts.subjects import EVENTS_STREAM
 from services.common.embedded import EmbeddedNats
-from tests.faults.cluster import NODES, describe, loopback_cluster
+from tests.faults.cluster import NODES, loopback_cluster, on_cluster
 from tests.faults.report import FaultReport, Profile
 from tests.faults.scenario import Scenario, time_bound
 
@@ -69,13 +69,7 @@ async def test_stream_leader_killed_under_load(
     cluster: list[EmbeddedNats], fresh_database: str, tmp_path: Path, profile: Profile, fault_report: FaultReport
 ) -> None:
     async with Scenario(
-        tmp_path,
-        nats_urls=[n.url for n in cluster],
-        database_url=fresh_database,
-        profile=profile,
-        report=fault_report,
-        extra_env={"DUBAN_STREAM_REPLICAS": str(NODES)},
-        describe_infra=lambda: describe(cluster),
+        tmp_path, database_url=fresh_database, profile=profile, report=fault_report, **on_cluster(cluster)
     ) as sc:
         await sc.start()
         info = await sc.js.stream_info(EVENTS_STREAM)

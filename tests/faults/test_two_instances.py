@@ -45,7 +45,7 @@ from contracts.subjects import EVENTS_STREAM
 from services.common.embedded import EmbeddedNats
 from services.common.leader import DEFAULT_TTL, LEADERS_BUCKET
 from services.common.supervisor import SERVICES
-from tests.faults.cluster import NODES, describe, loopback_cluster
+from tests.faults.cluster import NODES, loopback_cluster, on_cluster
 from tests.faults.load import CountyClient
 from tests.faults.procs import DUBAN, ServiceProcess, Services
 from tests.faults.report import FaultReport, Profile
@@ -308,13 +308,7 @@ async def test_two_instances_of_every_service(
     cluster: list[EmbeddedNats], fresh_database: str, tmp_path: Path, profile: Profile, fault_report: FaultReport
 ) -> None:
     async with TwinScenario(
-        tmp_path,
-        nats_urls=[n.url for n in cluster],
-        database_url=fresh_database,
-        profile=profile,
-        report=fault_report,
-        extra_env={"DUBAN_STREAM_REPLICAS": str(NODES)},
-        describe_infra=lambda: describe(cluster),
+        tmp_path, database_url=fresh_database, profile=profile, report=fault_report, **on_cluster(cluster)
     ) as sc:
         timings: dict[str, float] = {}
         began = time.monotonic()

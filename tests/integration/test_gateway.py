@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,15 @@ from services.gateway.main import GatewayConfig
 from services.gateway.tokens import TokenStore
 from services.ledger import main as ledger_main
 from services.submissions import main as submissions_main
-from tests.harness import NOW, PROGRAMME, Harness, new_id, start_task, stop_task
+from tests.harness import (
+    NOW,
+    PROGRAMME,
+    Harness,
+    clean_service_environment,  # noqa: F401 (autouse)
+    new_id,
+    start_task,
+    stop_task,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,14 +65,6 @@ async def secured(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sec
     env = ensure_generated_passwords(users, base / "secrets", environ={})
     async with EmbeddedNats(base / "nats", extra_config=render_server_auth(users), env=env) as server:
         yield Secured(server, base)
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The services read passwords and gateway settings from the environment first."""
-    for name in list(os.environ):
-        if name.startswith(("DUBAN_NATS_PASSWORD_", "DUBAN_GATEWAY_")):
-            monkeypatch.delenv(name)
 
 
 @dataclass
