@@ -26,6 +26,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from contracts.programme import load_default_programme
 from contracts.subjects import SUBMIT_ALL, submit_subject
 from services.common.embedded import EmbeddedNats, find_nats_server
+from services.common.jetstream import read_all
 from services.common.natsauth import (
     NatsUser,
     ensure_generated_passwords,
@@ -34,6 +35,7 @@ from services.common.natsauth import (
     users_for,
     write_deploy_files,
 )
+from services.common.replay import Endpoint, ReplayError, lean_endpoint, replay
 
 pytestmark = pytest.mark.integration
 
@@ -324,6 +326,27 @@ async def test_services_use_jetstream(connect: Callable[..., Awaitable[Client]])
         await m.ack_sync(timeout=WAIT)
     info = await ljs.consumer_info("PERM_EVENTS", "perm-ledger")
     assert info.num_ack_pending == 0 and info.delivered.stream_seq == 3
+    assert svc.errors == [] and ledger.errors == []
+
+
+async def test_services_replay_streams_on_their_own_connection(connect: Callable[..., Awaitable[Client]]) -> None:
+    # The replay (services.common.replay) logs in as the service, with its inbox prefix, and
+    # answers flow control: every message arrives, and a wrong password is a clear refusal.
+    svc = await connect("svc-submissions")
+    js = svc.nc.jetstream(timeout=WAIT)
+    await js.add_stream(StreamConfig(name="PERM_REPLAY", subjects=["duban.events.replay.>"], storage=StorageType.FILE))
+    acks = await asyncio.gather(*[await js.publish_async("duban.events.replay.410928", b"%d" % i) for i in range(2000)])
+    ledger = await connect("svc-ledger")
+    ljs = ledger.nc.jetstream(timeout=WAIT)
+    endpoint = lean_endpoint(ledger.nc)
+    assert endpoint is not None and endpoint.auth["user"] == "svc-ledger"
+    got = [item async for batch in read_all(ljs, "PERM_REPLAY", "duban.events.replay.>") for item in batch]
+    assert got == [(ack.seq, b"%d" % i) for i, ack in enumerate(acks)]
+
+    wrong = Endpoint(endpoint.host, endpoint.port, {"user": "svc-ledger", "pass": "wrong"}, endpoint.name)
+    with pytest.raises(ReplayError, match="refused the replay connection: Authorization Violation"):
+        async for _ in replay(ljs, ledger.nc, wrong, "PERM_REPLAY", "duban.events.replay.>", 2000, 500, WAIT):
+            pass
     assert svc.errors == [] and ledger.errors == []
 
 
