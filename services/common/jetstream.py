@@ -173,9 +173,8 @@ async def read_all(
     if not last:
         return
     nc: NatsClient = js._nc  # nats-py keeps the connection there; the replay needs its server and inbox prefix
-    endpoint = lean_endpoint(nc)
-    if endpoint is not None:
-        async for batch in replay(js, nc, endpoint, stream, subject, last, batch_size, idle_timeout):
+    if lean_endpoint(nc) is not None:
+        async for batch in replay(js, nc, None, stream, subject, last, batch_size, idle_timeout):
             yield batch
         return
     async for batch in _read(js, stream, subject, last, _sequence_and_data, batch_size, idle_timeout):

@@ -208,7 +208,7 @@ class FrameSplitter:
 async def replay(
     js: JetStreamContext,
     nc: NatsClient,
-    endpoint: Endpoint,
+    endpoint: Endpoint | None,
     stream: str,
     subject: str,
     last: int,
@@ -217,7 +217,11 @@ async def replay(
 ) -> AsyncIterator[list[tuple[int, bytes]]]:
     """Every message of ``subject`` in ``stream`` up to sequence ``last``, in order, in batches
     of (stream sequence, data). Raises TimeoutError after ``idle_timeout`` seconds without one
-    message, however many restarts that took."""
+    message, however many restarts that took.
+
+    ``endpoint`` None: the server ``nc`` is connected to at each (re)start, so that when a
+    cluster's node goes away mid-replay, the replay follows nats-py to the node it reconnects to.
+    """
     splitter = FrameSplitter(last)
     taken: list[tuple[int, bytes]] = []  # split off the socket, not yet handed out
     progressed = time.monotonic()
@@ -225,7 +229,10 @@ async def replay(
         connection: _Connection | None = None
         consumer: str | None = None
         try:
-            connection = await _Connection.open(endpoint, timeout=HEARTBEAT_SECONDS * MISSED_HEARTBEATS)
+            server = endpoint or lean_endpoint(nc)
+            if server is None:  # nats-py is between servers: try again in a moment
+                raise _Restart("the connection is reconnecting")
+            connection = await _Connection.open(server, timeout=HEARTBEAT_SECONDS * MISSED_HEARTBEATS)
             inbox = nc.new_inbox()
             await connection.subscribe(inbox)
             splitter.new_consumer()
