@@ -63,7 +63,12 @@ class Ledger:
                 ("milestones", "programme_id, county_code, milestone_id"),
                 ("checkpoint", "projection"),
             ):
-                columns = "*" if table != "checkpoint" else "projection, last_sequence"
+                # Not the wall clock's updated_at, nor county_state.revision (which write it was:
+                # a rebuild rewrites every row with a new one).
+                columns = {
+                    "checkpoint": "projection, last_sequence",
+                    "county_state": "programme_id, county_code, last_sequence, state",
+                }.get(table, "*")
                 rows = await conn.fetch(f"SELECT {columns} FROM ledger.{table} ORDER BY {order}")
                 out[table] = [tuple(r.values()) for r in rows]
         return out

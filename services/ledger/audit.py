@@ -221,6 +221,7 @@ class _Audit:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self.add("read_model_altered", where, f"the state is no longer a county's facts: {exc}")
                 continue
+            # (Not ``revision``: it says which write the row came from, which the events do not.)
             if row["last_sequence"] != want[2]:
                 self.add(
                     "read_model_altered", where, f"last_sequence is {row['last_sequence']}, the events say {want[2]}"

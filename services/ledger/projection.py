@@ -7,7 +7,8 @@ broker's consumer state, is the projection's position.
 
 Tables (schema ``ledger``):
 - ``event_log``: every event, for a county's history and for the state as of any moment;
-- ``county_state``: each county's folded ledger (JSON), the projection's working state;
+- ``county_state``: each county's folded ledger (JSON), the projection's working state, and the
+  ``revision`` of the write that left it (the live projection caches states by revision);
 - ``milestones``: one row per county and milestone, for operators' own SQL and dashboards;
 - ``checkpoint``; ``parked``: events that could not be applied, for an operator to look at.
 """
@@ -18,8 +19,8 @@ import asyncio
 import datetime as dt
 import gc
 import re
-from collections import defaultdict
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -96,6 +97,16 @@ MIGRATIONS: list[tuple[int, str]] = [
     # PostgreSQL a quarter less per row than jsonb's parse into its binary form, and a rebuild
     # writes a million rows. json's operators (->, ->>) still serve operators' own SQL.
     (2, "ALTER TABLE ledger.event_log ALTER COLUMN envelope TYPE json USING envelope::json"),
+    # Every write of a county's state takes a new revision, never reused (the sequence is not
+    # owned by the column, so no TRUNCATE ... RESTART IDENTITY resets it): a projection's cached
+    # state is valid exactly while the row still carries the revision it cached, whoever else
+    # (another instance, a replay, a rebuild) writes the table.
+    (
+        3,
+        "CREATE SEQUENCE ledger.state_revision;"
+        " ALTER TABLE ledger.county_state"
+        " ADD COLUMN revision bigint NOT NULL DEFAULT nextval('ledger.state_revision')",
+    ),
 ]
 
 READ_MODEL_TABLES = ("event_log", "county_state", "milestones", "checkpoint", "parked")
@@ -133,11 +144,29 @@ class StoredMessage(NamedTuple):
 _state_encoder = msgspec.json.Encoder()
 _state_decoder = msgspec.json.Decoder(CountyFacts)
 
+Key = tuple[str, str]  # (programme_id, county_code)
+MilestoneRow = tuple[object, ...]
+
+# Counties whose decoded state the live projection keeps between batches. At a million events
+# (~350 a county) a state is ~9 kB of JSON and ~21 kB decoded: 4,096 of them are ~90 MB at
+# most, within the ledger's 200 MB and no more than a rebuild holds for as many counties, while
+# covering a programme's ~2,800 counties.
+STATE_CACHE_SIZE = 4096
+
+
+class CachedState(NamedTuple):
+    revision: int  # county_state.revision of the row this state was read from or written as
+    last_sequence: int
+    facts: CountyFacts
+
 
 class LedgerProjection:
     def __init__(self, pool: asyncpg.Pool, programmes: dict[str, Programme]) -> None:
         self._pool = pool
         self._programmes = programmes
+        # Least recently used first. Only committed states go in, and an entry is used only when
+        # the row still has its revision, so no other writer needs to tell this one anything.
+        self._cache: OrderedDict[Key, CachedState] = OrderedDict()
 
     async def checkpoint(self) -> int:
         async with self._pool.acquire() as conn:
@@ -146,6 +175,7 @@ class LedgerProjection:
 
     async def apply_batch(self, batch: Sequence[StoredMessage]) -> int:
         """Apply the events above the checkpoint in one transaction; returns the new checkpoint."""
+        written: dict[Key, CachedState] = {}
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT last_sequence FROM ledger.checkpoint WHERE projection = $1 FOR UPDATE", PROJECTION
@@ -159,7 +189,7 @@ class LedgerProjection:
                 raise GapError(checkpoint, fresh[0].sequence)
             events = await self._decode_or_park(conn, fresh)
             await self._insert_log(conn, events)
-            await self._update_states(conn, [(seq, e) for seq, e, _ in events])
+            written = await self._update_states(conn, [(seq, e) for seq, e, _ in events])
             last = fresh[-1].sequence
             await conn.execute(
                 "INSERT INTO ledger.checkpoint (projection, last_sequence, updated_at) VALUES ($1, $2, now())"
@@ -167,7 +197,18 @@ class LedgerProjection:
                 PROJECTION,
                 last,
             )
-            return last
+        # Committed: these states are now the rows' (an exception above skips this, and the
+        # touched counties were already taken out of the cache).
+        self._remember(written)
+        return last
+
+    def _remember(self, states: dict[Key, CachedState]) -> None:
+        cache = self._cache
+        for key, entry in states.items():
+            cache[key] = entry
+            cache.move_to_end(key)
+        while len(cache) > STATE_CACHE_SIZE:
+            cache.popitem(last=False)
 
     async def park(self, sequence: int, data: bytes, reason: str) -> None:
         """Record an event that cannot be applied and move the checkpoint past it (the consumer
@@ -200,6 +241,7 @@ class LedgerProjection:
         """Try the parked events again (after a fix): each goes into its county's log and the
         county is folded again from the whole log, so order is as if it had never been parked."""
         replayed: list[int] = []
+        self._cache.clear()  # not needed for correctness (revisions are), frees what it rewrites
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT stream_sequence, data FROM ledger.parked ORDER BY stream_sequence FOR UPDATE"
@@ -246,33 +288,68 @@ class LedgerProjection:
         if events:
             await _copy_log(conn, b"".join([_copy_line(seq, e, data) for seq, e, data in events]))
 
-    async def _update_states(self, conn: Connection, events: Sequence[tuple[int, EventEnvelope]]) -> None:
-        by_aggregate: dict[tuple[str, str], list[tuple[int, EventEnvelope]]] = defaultdict(list)
+    async def _update_states(
+        self, conn: Connection, events: Sequence[tuple[int, EventEnvelope]]
+    ) -> dict[Key, CachedState]:
+        """Fold the events into their counties' states and write them; returns the states as
+        written (with their new revisions), for the cache once the transaction commits."""
+        by_aggregate: dict[Key, list[tuple[int, EventEnvelope]]] = defaultdict(list)
         for seq, envelope in events:
             if envelope.programme_id in self._programmes:
                 by_aggregate[(envelope.programme_id, envelope.county_code)].append((seq, envelope))
             else:
                 log.warning("event for an unconfigured programme", programme_id=envelope.programme_id)
         if not by_aggregate:
-            return
+            return {}
+        # Out of the cache now: folding mutates these objects, and if the transaction does not
+        # commit they would no longer be their rows' states. They go back in after the commit.
+        cached = {key: entry for key in by_aggregate if (entry := self._cache.pop(key, None)) is not None}
+        # One round trip: each row's revision, and its (TOASTed) state only when it is not the
+        # cached one. A county with no row yet is absent.
         rows = await conn.fetch(
-            "SELECT programme_id, county_code, state FROM ledger.county_state"
-            " WHERE (programme_id, county_code) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            "SELECT s.programme_id, s.county_code, s.revision, s.last_sequence,"
+            " CASE WHEN s.revision IS DISTINCT FROM k.revision THEN s.state END AS state"
+            " FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k (programme_id, county_code, revision)"
+            " JOIN ledger.county_state s ON s.programme_id = k.programme_id AND s.county_code = k.county_code",
             [k[0] for k in by_aggregate],
             [k[1] for k in by_aggregate],
+            [entry.revision if (entry := cached.get(k)) is not None else None for k in by_aggregate],
         )
-        states = {(r["programme_id"], r["county_code"]): _state_decoder.decode(r["state"]) for r in rows}
+        states: dict[Key, CountyFacts] = {}
+        for r in rows:
+            key = (r["programme_id"], r["county_code"])
+            entry = cached.get(key)
+            if r["state"] is None and entry is not None and entry.last_sequence == r["last_sequence"]:
+                states[key] = entry.facts
+            else:  # (last_sequence checked too: a belt against a sequence recreated from 1)
+                state = r["state"]
+                if state is None:  # revisions equal but last_sequence not: read it after all
+                    state = await conn.fetchval(
+                        "SELECT state FROM ledger.county_state WHERE programme_id = $1 AND county_code = $2", *key
+                    )
+                states[key] = _state_decoder.decode(state)
         updated = []
+        previous: dict[Key, list[MilestoneRow]] = {}  # the rows now in ledger.milestones
         for (programme_id, county_code), aggregate_events in by_aggregate.items():
             programme = self._programmes[programme_id]
-            ledger = states.get((programme_id, county_code)) or new_facts(programme, county_code)
+            ledger = states.get((programme_id, county_code))
+            if ledger is None:
+                ledger = new_facts(programme, county_code)
+            else:
+                previous[(programme_id, county_code)] = milestone_rows(ledger)
             for seq, envelope in aggregate_events:
                 if not apply(programme, ledger, seq, envelope):
                     # A retraction: fold the county again from its log (this batch is in it).
                     ledger = fold(programme, county_code, await aggregate_log(conn, programme_id, county_code))
                     break
             updated.append(ledger)
-        await write_states(conn, updated)
+        revisions = await write_states(conn, updated, previous_milestones=previous)
+        return {
+            (lg.programme_id, lg.county_code): CachedState(
+                revisions[(lg.programme_id, lg.county_code)], lg.last_sequence, lg
+            )
+            for lg in updated
+        }
 
     async def rebuild(
         self, batches: AsyncIterable[Sequence[StoredMessage]], expected_last: int | None = None
@@ -284,6 +361,9 @@ class LedgerProjection:
         retraction is folded again from its log at the end.
         """
         started = dt.datetime.now(dt.UTC)
+        # Every state is rewritten with new revisions, so the cache would only miss: free it
+        # before the rebuild holds every state in memory.
+        self._cache.clear()
         # Millions of live objects make every cyclic-GC pass long, and rebuilding makes no cycles
         # worth collecting: the collector waits until the end (it measured 4× the decode time).
         collecting = gc.isenabled()
@@ -580,10 +660,18 @@ def milestone_rows(ledger: CountyFacts) -> list[tuple[object, ...]]:
     ]
 
 
-async def write_states(conn: Connection, ledgers: Sequence[CountyFacts], fresh_tables: bool = False) -> None:
-    """Upsert the counties' states and their milestone rows."""
+async def write_states(
+    conn: Connection,
+    ledgers: Sequence[CountyFacts],
+    fresh_tables: bool = False,
+    previous_milestones: Mapping[Key, Sequence[MilestoneRow]] | None = None,
+) -> dict[Key, int]:
+    """Upsert the counties' states and their milestone rows; returns each state's new revision
+    (nothing for ``fresh_tables``, where COPY gives them).
+
+    ``previous_milestones``: a county's rows as ``ledger.milestones`` holds them now; only those
+    that changed are written (a county not there has all its rows written)."""
     state_rows = [state_row(lg) for lg in ledgers]
-    all_milestone_rows = [row for lg in ledgers for row in milestone_rows(lg)]
     if fresh_tables:
         await conn.copy_records_to_table(
             "county_state",
@@ -591,18 +679,43 @@ async def write_states(conn: Connection, ledgers: Sequence[CountyFacts], fresh_t
             columns=["programme_id", "county_code", "last_sequence", "state"],
             records=state_rows,
         )
-        await conn.copy_records_to_table("milestones", schema_name="ledger", records=all_milestone_rows)
-        return
-    await conn.executemany(
-        "INSERT INTO ledger.county_state (programme_id, county_code, last_sequence, state) VALUES ($1, $2, $3, $4)"
+        await conn.copy_records_to_table(
+            "milestones", schema_name="ledger", records=[row for lg in ledgers for row in milestone_rows(lg)]
+        )
+        return {}
+    previous = previous_milestones or {}
+    changed: list[MilestoneRow] = []
+    for lg in ledgers:
+        rows = milestone_rows(lg)
+        before = previous.get((lg.programme_id, lg.county_code))
+        if before is None:
+            changed.extend(rows)
+        else:
+            unchanged = set(before)
+            changed.extend(row for row in rows if row not in unchanged)
+    # One statement each (arrays, not executemany's statement per row); the revision is the
+    # column default's fresh nextval for the proposed row, taken by the update too.
+    written = await conn.fetch(
+        "INSERT INTO ledger.county_state (programme_id, county_code, last_sequence, state)"
+        " SELECT p, c, s, j::jsonb FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS r (p, c, s, j)"
         " ON CONFLICT (programme_id, county_code) DO UPDATE"
-        " SET last_sequence = EXCLUDED.last_sequence, state = EXCLUDED.state",
-        state_rows,
+        " SET last_sequence = EXCLUDED.last_sequence, state = EXCLUDED.state, revision = EXCLUDED.revision"
+        " RETURNING programme_id, county_code, revision",
+        *_columns(state_rows, 4),
     )
-    await conn.executemany(
-        "INSERT INTO ledger.milestones VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-        " ON CONFLICT (programme_id, county_code, milestone_id) DO UPDATE SET percent = EXCLUDED.percent,"
-        " note = EXCLUDED.note, reported_at = EXCLUDED.reported_at, completed_on = EXCLUDED.completed_on,"
-        " completed_via = EXCLUDED.completed_via, extended_deadline = EXCLUDED.extended_deadline",
-        all_milestone_rows,
-    )
+    if changed:
+        await conn.execute(
+            "INSERT INTO ledger.milestones"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[],"
+            " $6::timestamptz[], $7::date[], $8::text[], $9::date[])"
+            " ON CONFLICT (programme_id, county_code, milestone_id) DO UPDATE SET percent = EXCLUDED.percent,"
+            " note = EXCLUDED.note, reported_at = EXCLUDED.reported_at, completed_on = EXCLUDED.completed_on,"
+            " completed_via = EXCLUDED.completed_via, extended_deadline = EXCLUDED.extended_deadline",
+            *_columns(changed, len(MILESTONE_COLUMNS)),
+        )
+    return {(r["programme_id"], r["county_code"]): r["revision"] for r in written}
+
+
+def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
+    """Rows as columns (one array parameter each)."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]

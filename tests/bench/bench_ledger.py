@@ -668,6 +668,7 @@ async def read_model_digest(pool: asyncpg.Pool) -> dict[str, Any]:
     """Digests of the read model, to compare rebuild with live processing."""
     async with pool.acquire() as conn:
         return {
+            # Not county_state.revision: which write a row came from differs between live and rebuilt.
             "county_state": await conn.fetchval(
                 "SELECT md5(string_agg(programme_id || county_code || last_sequence || state::text, ','"
                 " ORDER BY programme_id, county_code)) FROM ledger.county_state"

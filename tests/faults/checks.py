@@ -214,6 +214,8 @@ async def escalation_view_findings(nc: NatsClient, events: list[tuple[int, Event
 # -- the ledger against a rebuild ----------------------------------------------------------------
 
 WALL_CLOCK_COLUMNS = frozenset({"updated_at", "parked_at"})  # when a row was written, not what it says
+# Which write a row came from (a rebuild rewrites every county_state row with a new revision).
+UNCOMPARED_COLUMNS = WALL_CLOCK_COLUMNS | {"revision"}
 LEDGER_TABLES = ("event_log", "county_state", "milestones", "checkpoint", "parked")
 
 
@@ -224,7 +226,7 @@ async def ledger_snapshot(database_url: str) -> dict[str, list[tuple[Any, ...]]]
         for table in LEDGER_TABLES:
             rows = await conn.fetch(f"SELECT * FROM ledger.{table}")
             snapshot[table] = sorted(
-                (tuple((k, repr(v)) for k, v in row.items() if k not in WALL_CLOCK_COLUMNS) for row in rows),
+                (tuple((k, repr(v)) for k, v in row.items() if k not in UNCOMPARED_COLUMNS) for row in rows),
             )
         return snapshot
     finally:

@@ -154,27 +154,35 @@ async def _reset(pool: asyncpg.Pool) -> None:
 async def _snapshot(pool: asyncpg.Pool) -> list[list[tuple[Any, ...]]]:
     async with pool.acquire() as conn:
         return [
-            [tuple(r.values()) for r in await conn.fetch(f"SELECT * FROM ledger.{table} ORDER BY 1, 2, 3")]
-            for table in ("event_log", "county_state", "milestones")
+            [tuple(r.values()) for r in await conn.fetch(f"SELECT {columns} FROM ledger.{table} ORDER BY 1, 2, 3")]
+            for table, columns in (
+                ("event_log", "*"),
+                ("county_state", "programme_id, county_code, last_sequence, state"),  # not which write (revision)
+                ("milestones", "*"),
+            )
         ] + [[tuple(r.values()) for r in await conn.fetch("SELECT projection, last_sequence FROM ledger.checkpoint")]]
 
 
 async def _incremental_then_rebuild(
-    dsn: str, messages: list[StoredMessage], cuts: list[int], replays: list[int]
+    dsn: str, messages: list[StoredMessage], cuts: list[int], replays: list[int], writers: list[int]
 ) -> None:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
         await _reset(pool)
         # Cut the stream into batches; before some batches, redeliver an earlier window and
-        # "restart" (a new projection object: everything it needs is in the database).
+        # "restart" (a new projection object: everything it needs is in the database). Two
+        # instances share the database (leadership moving): each batch is applied by the one
+        # ``writers`` picks, so a cached state is often stale and must be noticed as such.
         bounds = sorted({0, len(messages), *(c % (len(messages) + 1) for c in cuts)})
-        projection = LedgerProjection(pool, {PROGRAMME.id: PROGRAMME})
+        projections = [LedgerProjection(pool, {PROGRAMME.id: PROGRAMME}) for _ in range(2)]
         for index, (lo, hi) in enumerate(itertools.pairwise(bounds)):
             if index < len(replays) and lo > 0:
                 back = replays[index] % lo
-                projection = LedgerProjection(pool, {PROGRAMME.id: PROGRAMME})
-                await projection.apply_batch(messages[back:lo])  # all already applied: no change
-            await projection.apply_batch(messages[lo:hi])
+                projections[0] = LedgerProjection(pool, {PROGRAMME.id: PROGRAMME})
+                await projections[0].apply_batch(messages[back:lo])  # all already applied: no change
+            writer = writers[index] % 2 if index < len(writers) else 0
+            await projections[writer].apply_batch(messages[lo:hi])
+        projection = projections[0]
         incremental = await _snapshot(pool)
         assert incremental[3] == ([("ledger", len(messages))] if messages else [])
 
@@ -200,12 +208,17 @@ steps_strategy = st.lists(
     steps=steps_strategy,
     cuts=st.lists(st.integers(0, 200), max_size=8),
     replays=st.lists(st.integers(0, 200), max_size=8),
+    writers=st.lists(st.integers(0, 1), max_size=8),
 )
 def test_incremental_with_redeliveries_and_restarts_equals_rebuild(
-    fresh_database_sync: str, steps: list[tuple[int, str, int]], cuts: list[int], replays: list[int]
+    fresh_database_sync: str,
+    steps: list[tuple[int, str, int]],
+    cuts: list[int],
+    replays: list[int],
+    writers: list[int],
 ) -> None:
     messages = history(steps)
-    asyncio.run(_incremental_then_rebuild(fresh_database_sync, messages, cuts, replays))
+    asyncio.run(_incremental_then_rebuild(fresh_database_sync, messages, cuts, replays, writers))
 
 
 def test_generated_histories_are_rich_enough() -> None:
