@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from itertools import starmap
 
 import structlog
 from nats.js import JetStreamContext
@@ -57,7 +56,8 @@ async def supervise_live(
     )
 
 
-async def read_stream(js: JetStreamContext, batch_size: int = REBUILD_BATCH) -> AsyncIterator[list[StoredMessage]]:
-    """Every event from the first to the last stored when called, in batches, in order."""
+async def read_stream(js: JetStreamContext, batch_size: int = REBUILD_BATCH) -> AsyncIterator[list[tuple[int, bytes]]]:
+    """Every event from the first to the last stored when called, in batches of (stream
+    sequence, data), in order."""
     async for batch in read_all(js, EVENTS_STREAM, EVENTS_ALL, batch_size):
-        yield list(starmap(StoredMessage, batch))
+        yield batch

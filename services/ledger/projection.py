@@ -28,7 +28,13 @@ import asyncpg
 import msgspec
 import structlog
 
-from contracts.events import EventEnvelope, decode_event, decode_stored_event, event_type_of
+from contracts.events import (
+    EventEnvelope,
+    StoredEventEnvelope,
+    decode_event,
+    decode_stored_event,
+    event_type_of,
+)
 from contracts.facts import CountyFacts, apply, fold, new_facts
 from contracts.programme import Programme
 from contracts.replies import ParkedEvent, ReplayParkedReport, parked_event
@@ -352,7 +358,7 @@ class LedgerProjection:
         }
 
     async def rebuild(
-        self, batches: AsyncIterable[Sequence[StoredMessage]], expected_last: int | None = None
+        self, batches: AsyncIterable[Sequence[tuple[int, bytes]]], expected_last: int | None = None
     ) -> RebuildResult:
         """Drop the read model and build it again from the stream, in large batches.
 
@@ -375,7 +381,7 @@ class LedgerProjection:
                 gc.enable()
 
     async def _rebuild(
-        self, batches: AsyncIterable[Sequence[StoredMessage]], expected_last: int | None, started: dt.datetime
+        self, batches: AsyncIterable[Sequence[tuple[int, bytes]]], expected_last: int | None, started: dt.datetime
     ) -> RebuildResult:
         states: dict[tuple[str, str], CountyFacts] = {}
         refold: set[tuple[str, str]] = set()
@@ -536,7 +542,9 @@ async def _one_buffer(data: bytes) -> AsyncIterator[bytes]:
 
 def _copy_line(seq: int, e: EventEnvelope, data: bytes) -> bytes:
     """One row of ``_LOG_COLUMNS`` in COPY's text format."""
-    envelope = data if e.schema_version == _stored_version(data) else msgspec.json.encode(e)
+    # Decoded as stored (decode_stored_event's own type): the bytes are the current version.
+    stored = type(e) is StoredEventEnvelope or e.schema_version == _stored_version(data)
+    envelope = data if stored else msgspec.json.encode(e)
     payload_type = type(e.payload)
     event_type = _EVENT_TYPES.get(payload_type) or _EVENT_TYPES.setdefault(payload_type, event_type_of(e.payload))
     text = f"{seq}\t{e.programme_id}\t{e.county_code}\t{e.event_id}\t{event_type}\t{e.submission_id}\t"
