@@ -130,15 +130,38 @@ def new_facts(programme: Programme, county_code: str) -> CountyFacts:
 def fold(programme: Programme, county_code: str, events: Iterable[tuple[int, EventEnvelope]]) -> CountyFacts:
     """The county's ledger from its events (sequence, envelope) in stream order."""
     history = list(events)
-    retracted = {e.payload.retracted_submission_id for _, e in history if isinstance(e.payload, SubmissionRetracted)}
+    ledger = folding(programme, county_code, {r for _, e in history if (r := retraction_of(e)) is not None})
+    zone = programme_zone(programme)
+    for sequence, envelope in history:
+        fold_in(ledger, sequence, envelope, zone)
+    return ledger
+
+
+# fold() in steps, for a reader that has the retractions before the events (a rebuild folds
+# several counties at once from one pass over their logs).
+def folding(programme: Programme, county_code: str, retracted: Iterable[str]) -> CountyFacts:
+    """The start of a county's fold, given every submission its events retract."""
     ledger = new_facts(programme, county_code)
     ledger.retracted = sorted(retracted)
-    zone = ZoneInfo(programme.programme.timezone)
-    for sequence, envelope in history:
-        ledger.last_sequence = max(ledger.last_sequence, sequence)
-        if envelope.submission_id not in retracted:
-            _apply(ledger, envelope, zone)
     return ledger
+
+
+def fold_in(ledger: CountyFacts, sequence: int, envelope: EventEnvelope, zone: ZoneInfo) -> None:
+    """The next event (in stream order) of a fold begun with :func:`folding`."""
+    ledger.last_sequence = max(ledger.last_sequence, sequence)
+    if envelope.submission_id not in ledger.retracted:
+        _apply(ledger, envelope, zone)
+
+
+def retraction_of(envelope: EventEnvelope) -> str | None:
+    """The submission this event retracts, or None."""
+    payload = envelope.payload
+    return payload.retracted_submission_id if isinstance(payload, SubmissionRetracted) else None
+
+
+def programme_zone(programme: Programme) -> ZoneInfo:
+    timezone = programme.programme.timezone
+    return _ZONES.get(timezone) or _ZONES.setdefault(timezone, ZoneInfo(timezone))
 
 
 def apply(programme: Programme, ledger: CountyFacts, sequence: int, envelope: EventEnvelope) -> bool:
@@ -149,8 +172,7 @@ def apply(programme: Programme, ledger: CountyFacts, sequence: int, envelope: Ev
         return False
     ledger.last_sequence = sequence
     if envelope.submission_id not in ledger.retracted:
-        timezone = programme.programme.timezone
-        _apply(ledger, envelope, _ZONES.get(timezone) or _ZONES.setdefault(timezone, ZoneInfo(timezone)))
+        _apply(ledger, envelope, programme_zone(programme))
     return True
 
 
