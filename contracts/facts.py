@@ -38,7 +38,13 @@ from contracts.payloads import Document, ExtensionOutcome, ReviewOutcome
 from contracts.programme import Programme
 
 
-class MilestoneFacts(msgspec.Struct, kw_only=True):
+class _Facts(msgspec.Struct, kw_only=True, gc=False):
+    """A part of a county's facts. Not tracked by the cyclic garbage collector (gc=False): they
+    never form cycles, and the ledger keeps thousands of counties' facts alive between batches,
+    which every full collection would otherwise walk."""
+
+
+class MilestoneFacts(_Facts):
     milestone_id: str
     percent: int = 0
     note: str = ""
@@ -51,7 +57,7 @@ class MilestoneFacts(msgspec.Struct, kw_only=True):
     extension_requested: dt.date | None = None  # pending request's proposed date
 
 
-class ReviewFacts(msgspec.Struct, kw_only=True):
+class ReviewFacts(_Facts):
     review_kind: str
     state: str  # requested | passed | returned
     requested_on: dt.date | None = None
@@ -60,7 +66,7 @@ class ReviewFacts(msgspec.Struct, kw_only=True):
     comments: str = ""
 
 
-class FindingFacts(msgspec.Struct, kw_only=True):
+class FindingFacts(_Facts):
     event_id: str
     rule_id: str
     finding_zh: str
@@ -70,14 +76,14 @@ class FindingFacts(msgspec.Struct, kw_only=True):
     recorded_at: dt.datetime
 
 
-class ProgressTableFacts(msgspec.Struct, kw_only=True):
+class ProgressTableFacts(_Facts):
     period: str
     filed_on: dt.date  # local date it was filed (occurred)
     submission_id: str
     lines: int
 
 
-class TrialReportFacts(msgspec.Struct, kw_only=True):
+class TrialReportFacts(_Facts):
     """One month of trial operation as reported (the first kept report of the month)."""
 
     period: str
@@ -91,7 +97,7 @@ class TrialReportFacts(msgspec.Struct, kw_only=True):
     cases_returned: int
 
 
-class ActionFacts(msgspec.Struct, kw_only=True):
+class ActionFacts(_Facts):
     action_id: str
     level_id: str
     level_name: str
@@ -105,7 +111,7 @@ class ActionFacts(msgspec.Struct, kw_only=True):
     waive_reason: str = ""
 
 
-class CountyFacts(msgspec.Struct, kw_only=True):
+class CountyFacts(_Facts):
     programme_id: str
     county_code: str
     last_sequence: int = 0
