@@ -33,6 +33,7 @@ from contracts.ledger import (
 )
 from contracts.replies import Accepted
 from services.common.embedded import EmbeddedPostgres
+from services.ledger import consumer as ledger_consumer
 from services.ledger.consumer import read_stream
 from services.ledger.projection import GapError, StoredMessage
 from tests.harness import Harness
@@ -312,6 +313,28 @@ async def test_a_rebuild_takes_what_the_replaced_read_model_says_was_retracted_a
                 )
         await ledger.projection.rebuild(read_stream(harness.js))
         assert await ledger.snapshot() == live, claim
+
+
+async def test_an_empty_read_model_is_filled_by_a_rebuild_then_followed_live(
+    harness: Harness, ledger: Ledger, nats_url: str, fresh_database_sync: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_consumer, "FILL_BY_REBUILD_FROM", 1)  # (a long stream, in production)
+    await play_spring_2017(harness)
+    await ledger.caught_up(harness)
+    live = await ledger.snapshot()
+    await stop_ledger(ledger)  # one live consumer at a time on the durable (leadership, in production)
+    with structlog.testing.capture_logs() as logs:
+        fresh = await start_ledger(nats_url, fresh_database_sync, harness.clock)
+        try:
+            checkpoint = await fresh.caught_up(harness)
+            filled = [e for e in logs if e["event"] == "empty read model filled"]
+            assert len(filled) == 1 and filled[0]["events"] == checkpoint
+            assert await fresh.snapshot() == live
+            # and then it follows the stream as any live consumer does
+            await accepted(harness, {"kind": "report_progress", "milestone_id": "1.3", "percent": 50}, county="410926")
+            assert await fresh.caught_up(harness) == checkpoint + 1
+        finally:
+            await stop_ledger(fresh)
 
 
 async def test_postgres_outage_delays_events_but_loses_none(harness: Harness, nats_url: str, tmp_path: Path) -> None:
