@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, TypeVar
 
 import nats
@@ -179,6 +179,19 @@ async def read_all(
         return
     async for batch in _read(js, stream, subject, last, _sequence_and_data, batch_size, idle_timeout):
         yield batch
+
+
+async def read_subjects(
+    js: JetStreamContext, stream: str, subject: str, keep: Collection[str], upto: int, batch_size: int = 5000
+) -> AsyncIterator[list[tuple[int, bytes]]] | None:
+    """The messages of the subjects ``keep`` (of those ``subject`` matches) up to sequence
+    ``upto`` (a message of ``subject``), interleaved in stream order, in batches of (stream
+    sequence, data), through the replay; None where the replay does not speak the connection's
+    auth (the caller reads another way)."""
+    nc: NatsClient = js._nc
+    if lean_endpoint(nc) is None:
+        return None
+    return replay(js, nc, None, stream, subject, upto, batch_size, idle_timeout=30.0, keep=keep)
 
 
 async def read_messages(

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 
 import structlog
@@ -38,7 +38,7 @@ log = structlog.get_logger(__name__)
 
 HEARTBEAT_SECONDS = 2.0
 MISSED_HEARTBEATS = 3  # silence this long (×heartbeat) means the consumer or connection is gone
-READ_CHUNK = 4 * 1024 * 1024
+READ_CHUNK = 1024 * 1024  # and the reader's buffer: what the socket holds beyond it waits in the kernel
 ACK_PREFIX = b"$JS.ACK."
 
 
@@ -93,13 +93,13 @@ class FrameSplitter:
     heartbeats, server errors.
     """
 
-    def __init__(self, last: int) -> None:
+    def __init__(self, last: int, keep: Collection[bytes] | None = None) -> None:
         self.last = last  # the stream sequence to stop at
+        self.keep = keep  # the subjects whose messages are handed out (None: all)
         self.taken = 0  # the last stream sequence handed out
         self.delivered = 0  # the last consumer sequence seen (per consumer)
         self.pings = 0
         self.replies: list[bytes] = []  # flow control / stalled consumer: answer with an empty message
-        self.heartbeat_last_delivered: int | None = None
         self.gap: str | None = None
         self.error: str | None = None
         self.done = False
@@ -120,7 +120,7 @@ class FrameSplitter:
         """Take the whole frames of ``buf``; returns where the first incomplete frame starts.
         Stops early (at the frame after) on a gap, a server error or the last sequence."""
         find, startswith, size = buf.find, buf.startswith, len(buf)
-        taken, delivered, last = self.taken, self.delivered, self.last
+        taken, delivered, last, keep = self.taken, self.delivered, self.last, self.keep
         pos = 0
         try:
             while True:
@@ -171,7 +171,8 @@ class FrameSplitter:
                     self.done = True
                     return pos
                 taken = sequence
-                out.append((sequence, buf[headers_end:end]))
+                if keep is None or args[0] in keep:
+                    out.append((sequence, buf[headers_end:end]))
                 if sequence == last:
                     self.done = True
                     return pos
@@ -214,15 +215,18 @@ async def replay(
     last: int,
     batch_size: int,
     idle_timeout: float,
+    keep: Collection[str] | None = None,
 ) -> AsyncIterator[list[tuple[int, bytes]]]:
     """Every message of ``subject`` in ``stream`` up to sequence ``last``, in order, in batches
-    of (stream sequence, data). Raises TimeoutError after ``idle_timeout`` seconds without one
-    message, however many restarts that took.
+    of (stream sequence, data); with ``keep``, only those of these subjects (of the subjects
+    ``subject`` matches: a consumer with many filter subjects is slow to deliver on the server).
+    Raises TimeoutError after ``idle_timeout`` seconds without one message, however many
+    restarts that took.
 
     ``endpoint`` None: the server ``nc`` is connected to at each (re)start, so that when a
     cluster's node goes away mid-replay, the replay follows nats-py to the node it reconnects to.
     """
-    splitter = FrameSplitter(last)
+    splitter = FrameSplitter(last, None if keep is None else frozenset(s.encode() for s in keep))
     taken: list[tuple[int, bytes]] = []  # split off the socket, not yet handed out
     progressed = time.monotonic()
     while not splitter.done:

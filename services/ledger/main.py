@@ -29,7 +29,8 @@ from services.common.postgres import create_pool
 from services.common.runtime import Runtime, load_policy_and_calendar
 from services.common.signing import load_signer
 from services.ledger.audit import audit_read_model
-from services.ledger.consumer import read_stream, supervise_live
+from services.ledger.consumer import rebuild as rebuild_from_stream
+from services.ledger.consumer import supervise_live
 from services.ledger.projection import LedgerProjection, migrate
 from services.ledger.queries import LedgerReader
 from services.ledger.service import LedgerQueries, start_service
@@ -61,7 +62,7 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
         async def rebuild(_: StatusQuery) -> RebuildReport:
             async with pause:
                 end = int((await js.stream_info(EVENTS_STREAM)).state.last_seq)
-                result = await projection.rebuild(read_stream(js), expected_last=end)
+                result = await rebuild_from_stream(js, projection, end)
             rate = result.events / result.seconds if result.seconds else 0.0
             log.info("ledger rebuilt", events=result.events, seconds=round(result.seconds, 2))
             return RebuildReport(

@@ -20,7 +20,8 @@ import datetime as dt
 import gc
 import re
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -167,6 +168,7 @@ MilestoneRow = tuple[object, ...]
 # most, within the ledger's 200 MB and no more than a rebuild holds for as many counties, while
 # covering a programme's ~2,800 counties.
 STATE_CACHE_SIZE = 4096
+STATES_PER_COPY = 256  # a rebuild writes the states in slices of this many counties
 
 
 class CachedState(NamedTuple):
@@ -367,13 +369,17 @@ class LedgerProjection:
         }
 
     async def rebuild(
-        self, batches: AsyncIterable[Sequence[tuple[int, bytes]]], expected_last: int | None = None
+        self,
+        batches: AsyncIterable[Sequence[tuple[int, bytes]]],
+        expected_last: int | None = None,
+        reread: Reread | None = None,
     ) -> RebuildResult:
         """Drop the read model and build it again from the stream, in large batches.
 
         ``batches`` yields batches in stream order from the first event. The log goes in by
-        COPY; states are folded in memory and written once at the end; a county with a
-        retraction is folded again from its log at the end.
+        COPY; states are folded in memory and written once at the end. A county whose
+        retractions were not foreseen is folded again at the end: from the stream through
+        ``reread`` (while PostgreSQL builds the log's indexes), or from its log.
         """
         started = dt.datetime.now(dt.UTC)
         # Every state is rewritten with new revisions, so the cache would only miss: free it
@@ -384,17 +390,23 @@ class LedgerProjection:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return await self._rebuild(batches, expected_last, started)
+            return await self._rebuild(batches, expected_last, reread, started)
         finally:
             if collecting:
                 gc.enable()
 
     async def _rebuild(
-        self, batches: AsyncIterable[Sequence[tuple[int, bytes]]], expected_last: int | None, started: dt.datetime
+        self,
+        batches: AsyncIterable[Sequence[tuple[int, bytes]]],
+        expected_last: int | None,
+        reread: Reread | None,
+        started: dt.datetime,
     ) -> RebuildResult:
         states: dict[tuple[str, str], CountyFacts] = {}
         refold: set[tuple[str, str]] = set()
         retractions: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
+        logged: defaultdict[Key, int] = defaultdict(int)  # events in each county's log
+        parked_sequences: set[int] = set()
         count, last = 0, 0
         async with self._pool.acquire() as conn, conn.transaction():
             # A retraction makes its county fold again without what it retracts, from its whole log
@@ -444,11 +456,13 @@ class LedgerProjection:
                                 parked.append((seq, data, f"{type(exc).__name__}: {exc}"))
                                 refold.add(key)
                                 continue
+                            logged[key] += 1
                         lines.append(_copy_line(seq, envelope, data))
                     if copying is not None:
                         await copying  # one statement at a time on the connection
                     for sequence, data, reason in parked:
                         await _insert_parked(conn, sequence, data, reason)
+                        parked_sequences.add(sequence)
                     copying = asyncio.create_task(_copy_log(conn, b"".join(lines)))
                     count += len(batch)
             except BaseException:
@@ -459,19 +473,35 @@ class LedgerProjection:
                 await copying
             if expected_last is not None and last < expected_last:
                 raise GapError(last, expected_last + 1)  # the stream's end (when asked) was not reached
-            # Counties whose retractions were not the foreseen ones (or with a parked event), folded
-            # again from their logs: all at once, in one pass in stream order, before the indexes
-            # exist (a scan of the table in its own order).
+            # Counties whose retractions were not the foreseen ones (or with a parked event) are
+            # folded again, all at once in one pass in stream order.
             refold.update(key for key, ledger in states.items() if set(ledger.retracted) != retractions.get(key, set()))
+            for key in refold:
+                del states[key]  # (its memory first: a third of the counties at a million events)
             refolded = {key: folding(programmes[key[0]], key[1], retractions.get(key, ())) for key in sorted(refold)}
-            async for key, sequence, envelope in _logs_in_stream_order(conn, list(refolded)):
-                fold_in(refolded[key], sequence, envelope, programme_zone(programmes[key[0]]))
+            source = await reread(list(refolded), last) if refolded and reread is not None else None
+            if source is None:  # from their logs, before the indexes exist (a scan in the table's order)
+                await _refold_from_log(conn, refolded, programmes)
+                await _index_log(conn)
+            else:  # from the stream again, while PostgreSQL builds the indexes
+                indexing = asyncio.create_task(_index_log(conn))
+                try:
+                    strays = await _refold_from_stream(source, refolded, logged, parked_sequences, programmes)
+                except BaseException:
+                    await asyncio.gather(indexing, return_exceptions=True)  # the connection's statement first
+                    raise
+                await indexing
+                if strays:  # the stream gave them other events than their logs hold: from the logs
+                    again = {key: folding(programmes[key[0]], key[1], retractions.get(key, ())) for key in strays}
+                    await _refold_from_log(conn, again, programmes)
+                    refolded.update(again)
             states.update(refolded)
-            # The indexes' sorts of a million rows fit in memory with this (PostgreSQL's default,
-            # 64 MB, spills them to disk); for this transaction only.
-            await conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
-            await conn.execute(EVENT_LOG_INDEXES)
-            await write_states(conn, list(states.values()), fresh_tables=True)
+            # A slice at a time, each state let go once written: at a million events the states
+            # are ~60 MB as objects and ~25 MB more as JSON, within the ledger's 200 MB.
+            keys = list(states)
+            for start in range(0, len(keys), STATES_PER_COPY):
+                written = [states.pop(key) for key in keys[start : start + STATES_PER_COPY]]
+                await write_states(conn, written, fresh_tables=True)
             await conn.execute(
                 "INSERT INTO ledger.checkpoint (projection, last_sequence) VALUES ($1, $2)", PROJECTION, last
             )
@@ -628,6 +658,48 @@ async def _retractions_in_states(conn: Connection, programmes: Mapping[str, Prog
 
 
 _retracted_decoder = msgspec.json.Decoder(list[str])
+
+
+async def _index_log(conn: Connection) -> None:
+    # The indexes' sorts of a million rows fit in memory with this (PostgreSQL's default, 64 MB,
+    # spills them to disk); for this transaction only.
+    await conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+    await conn.execute(EVENT_LOG_INDEXES)
+
+
+async def _refold_from_log(
+    conn: Connection, refolded: dict[Key, CountyFacts], programmes: Mapping[str, Programme]
+) -> None:
+    async for key, sequence, envelope in _logs_in_stream_order(conn, list(refolded)):
+        fold_in(refolded[key], sequence, envelope, programme_zone(programmes[key[0]]))
+
+
+async def _refold_from_stream(
+    source: AsyncIterable[Sequence[tuple[int, bytes]]],
+    refolded: dict[Key, CountyFacts],
+    logged: Mapping[Key, int],
+    parked_sequences: AbstractSet[int],
+    programmes: Mapping[str, Programme],
+) -> set[Key]:
+    """Fold ``refolded`` from their subjects' messages in the stream, skipping what was parked
+    (exactly their logs, as the stream is written); returns the counties the stream gave another
+    number of events than their logs hold, which must be folded from their logs."""
+    folded: defaultdict[Key, int] = defaultdict(int)
+    async for batch in source:
+        for sequence, data in batch:
+            if sequence in parked_sequences:
+                continue
+            envelope = decode_stored_event(data)  # (what does not decode was parked)
+            key = (envelope.programme_id, envelope.county_code)
+            ledger = refolded.get(key)
+            if ledger is not None:  # (else an event of another county on this subject)
+                fold_in(ledger, sequence, envelope, programme_zone(programmes[key[0]]))
+                folded[key] += 1
+    return {key for key in refolded if folded[key] != logged.get(key, 0)}
+
+
+# Reads the messages of these counties' subjects again, up to this stream sequence (None: cannot).
+Reread = Callable[[Sequence[Key], int], Awaitable[AsyncIterable[Sequence[tuple[int, bytes]]] | None]]
 
 
 async def _logs_in_stream_order(

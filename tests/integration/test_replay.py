@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from services.common import replay as replay_module
-from services.common.jetstream import _read, _sequence_and_data, read_all
+from services.common.jetstream import _read, _sequence_and_data, read_all, read_subjects
 from services.common.replay import Endpoint, ReplayError, lean_endpoint, replay
 
 pytestmark = pytest.mark.integration
@@ -83,6 +83,23 @@ async def test_the_replay_gives_exactly_what_nats_py_gives(stream: tuple[NatsCli
     for subject, items in got.items():
         through_nats_py = _read(js, STREAM, subject, items[-1][0], _sequence_and_data, 700, 20)
         assert items == [item async for batch in through_nats_py for item in batch]
+
+
+async def test_several_subjects_are_read_together_in_stream_order_up_to_a_sequence(
+    stream: tuple[NatsClient, JetStreamContext],
+) -> None:
+    _, js = stream
+    stored = await fill(js, 3000)
+
+    async def read(subjects: list[str], upto: int) -> list[tuple[int, bytes]]:
+        source = await read_subjects(js, STREAM, "t.replay.>", subjects, upto, batch_size=400)
+        assert source is not None
+        return [item async for batch in source for item in batch]
+
+    upto = stored[2000][0]
+    assert await read(["t.replay.b"], upto) == [(q, d) for q, s, d in stored if s == "t.replay.b" and q <= upto]
+    assert await read(["t.replay.a", "t.replay.b"], stored[-1][0]) == [(q, d) for q, _, d in stored]
+    assert await read(["t.replay.none"], upto) == []
 
 
 async def test_messages_appended_during_the_replay_are_left_for_the_live_consumer(

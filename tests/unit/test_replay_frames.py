@@ -175,3 +175,10 @@ def test_what_the_replay_does_not_speak_falls_back_to_nats_py() -> None:
     nkeys = _Client(_Url("nats"))
     nkeys._nkeys_seed = "SU…"  # type: ignore[attr-defined]
     assert endpoint_of(nkeys) is None
+
+
+def test_only_the_kept_subjects_are_handed_out_and_the_others_still_count() -> None:
+    splitter = FrameSplitter(last=4, keep={b"e.2"})
+    data = b"".join(hmsg(ack(i, i), b"%d" % i, subject=b"e.%d" % (1 + i % 2)) for i in range(1, 5))
+    assert feed_all(splitter, data) == [(1, b"1"), (3, b"3")]
+    assert splitter.done and splitter.taken == 4 and splitter.gap is None
