@@ -20,7 +20,7 @@ import datetime as dt
 import gc
 import re
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -163,18 +163,22 @@ _state_decoder = msgspec.json.Decoder(CountyFacts)
 Key = tuple[str, str]  # (programme_id, county_code)
 MilestoneRow = tuple[object, ...]
 
-# Counties whose decoded state the live projection keeps between batches. At a million events
-# (~350 a county) a state is ~9 kB of JSON and ~21 kB decoded: 4,096 of them are ~90 MB at
-# most, within the ledger's 200 MB and no more than a rebuild holds for as many counties, while
-# covering a programme's ~2,800 counties.
-STATE_CACHE_SIZE = 4096
+# The counties' states the live projection keeps between batches, as the JSON it wrote, most
+# recently used first out of this budget: at a million events a state is ~17 kB (~40 kB decoded:
+# every county decoded took the ledger past its 200 MB), so it holds ~1,000 counties then, every
+# county of a small programme always. Decoding a cached state costs far less than reading it.
+STATE_CACHE_BYTES = 16 * 1024 * 1024
+STATES_PER_WRITE = 128  # counties folded and written together (the rest of a batch waits)
 STATES_PER_COPY = 256  # a rebuild writes the states in slices of this many counties
 
 
 class CachedState(NamedTuple):
-    revision: int  # county_state.revision of the row this state was read from or written as
+    revision: int  # county_state.revision of the row this state was written as
     last_sequence: int
-    facts: CountyFacts
+    state: bytes  # the row's state, as written
+
+
+_cached_state_decoder = msgspec.json.Decoder(CountyFacts)  # (not _state_decoder: a test counts the rows')
 
 
 class LedgerProjection:
@@ -184,6 +188,7 @@ class LedgerProjection:
         # Least recently used first. Only committed states go in, and an entry is used only when
         # the row still has its revision, so no other writer needs to tell this one anything.
         self._cache: OrderedDict[Key, CachedState] = OrderedDict()
+        self._cache_bytes = 0
 
     async def checkpoint(self) -> int:
         async with self._pool.acquire() as conn:
@@ -219,13 +224,25 @@ class LedgerProjection:
         self._remember(written)
         return last
 
+    def _take(self, keys: Iterable[Key]) -> dict[Key, CachedState]:
+        taken = {key: entry for key in keys if (entry := self._cache.pop(key, None)) is not None}
+        self._cache_bytes -= sum(len(entry.state) for entry in taken.values())
+        return taken
+
     def _remember(self, states: dict[Key, CachedState]) -> None:
         cache = self._cache
         for key, entry in states.items():
+            if (old := cache.pop(key, None)) is not None:
+                self._cache_bytes -= len(old.state)
             cache[key] = entry
-            cache.move_to_end(key)
-        while len(cache) > STATE_CACHE_SIZE:
-            cache.popitem(last=False)
+            self._cache_bytes += len(entry.state)
+        while self._cache_bytes > STATE_CACHE_BYTES and cache:
+            _, evicted = cache.popitem(last=False)
+            self._cache_bytes -= len(evicted.state)
+
+    def _forget(self) -> None:
+        self._cache.clear()
+        self._cache_bytes = 0
 
     async def park(self, sequence: int, data: bytes, reason: str) -> None:
         """Record an event that cannot be applied and move the checkpoint past it (the consumer
@@ -258,7 +275,7 @@ class LedgerProjection:
         """Try the parked events again (after a fix): each goes into its county's log and the
         county is folded again from the whole log, so order is as if it had never been parked."""
         replayed: list[int] = []
-        self._cache.clear()  # not needed for correctness (revisions are), frees what it rewrites
+        self._forget()  # not needed for correctness (revisions are), frees what it rewrites
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT stream_sequence, data FROM ledger.parked ORDER BY stream_sequence FOR UPDATE"
@@ -316,11 +333,20 @@ class LedgerProjection:
                 by_aggregate[(envelope.programme_id, envelope.county_code)].append((seq, envelope))
             else:
                 log.warning("event for an unconfigured programme", programme_id=envelope.programme_id)
-        if not by_aggregate:
-            return {}
-        # Out of the cache now: folding mutates these objects, and if the transaction does not
-        # commit they would no longer be their rows' states. They go back in after the commit.
-        cached = {key: entry for key in by_aggregate if (entry := self._cache.pop(key, None)) is not None}
+        # A slice of counties at a time: at a million events a state is ~17 kB of JSON and ~40 kB
+        # decoded, and a batch may touch a thousand counties.
+        written: dict[Key, CachedState] = {}
+        keys = list(by_aggregate)
+        for start in range(0, len(keys), STATES_PER_WRITE):
+            some = {key: by_aggregate[key] for key in keys[start : start + STATES_PER_WRITE]}
+            written.update(await self._update_some_states(conn, some))
+        return written
+
+    async def _update_some_states(
+        self, conn: Connection, by_aggregate: dict[Key, list[tuple[int, EventEnvelope]]]
+    ) -> dict[Key, CachedState]:
+        # Out of the cache until the transaction commits (see apply_batch).
+        cached = self._take(by_aggregate)
         # One round trip: each row's revision, and its (TOASTed) state only when it is not the
         # cached one. A county with no row yet is absent.
         rows = await conn.fetch(
@@ -337,7 +363,7 @@ class LedgerProjection:
             key = (r["programme_id"], r["county_code"])
             entry = cached.get(key)
             if r["state"] is None and entry is not None and entry.last_sequence == r["last_sequence"]:
-                states[key] = entry.facts
+                states[key] = _cached_state_decoder.decode(entry.state)
             else:  # (last_sequence checked too: a belt against a sequence recreated from 1)
                 state = r["state"]
                 if state is None:  # revisions equal but last_sequence not: read it after all
@@ -360,11 +386,9 @@ class LedgerProjection:
                     ledger = fold(programme, county_code, await aggregate_log(conn, programme_id, county_code))
                     break
             updated.append(ledger)
-        revisions = await write_states(conn, updated, previous_milestones=previous)
+        written = await write_states(conn, updated, previous_milestones=previous)
         return {
-            (lg.programme_id, lg.county_code): CachedState(
-                revisions[(lg.programme_id, lg.county_code)], lg.last_sequence, lg
-            )
+            (lg.programme_id, lg.county_code): CachedState(*written[(lg.programme_id, lg.county_code)])
             for lg in updated
         }
 
@@ -384,7 +408,7 @@ class LedgerProjection:
         started = dt.datetime.now(dt.UTC)
         # Every state is rewritten with new revisions, so the cache would only miss: free it
         # before the rebuild holds every state in memory.
-        self._cache.clear()
+        self._forget()
         # Millions of live objects make every cyclic-GC pass long, and rebuilding makes no cycles
         # worth collecting: the collector waits until the end (it measured 4× the decode time).
         collecting = gc.isenabled()
@@ -780,14 +804,14 @@ async def write_states(
     ledgers: Sequence[CountyFacts],
     fresh_tables: bool = False,
     previous_milestones: Mapping[Key, Sequence[MilestoneRow]] | None = None,
-) -> dict[Key, int]:
-    """Upsert the counties' states and their milestone rows; returns each state's new revision
-    (nothing for ``fresh_tables``, where COPY gives them).
+) -> dict[Key, tuple[int, int, bytes]]:
+    """Upsert the counties' states and their milestone rows; returns each state's new revision,
+    last sequence and JSON (nothing for ``fresh_tables``, where COPY gives the revisions).
 
     ``previous_milestones``: a county's rows as ``ledger.milestones`` holds them now; only those
     that changed are written (a county not there has all its rows written)."""
-    state_rows = [state_row(lg) for lg in ledgers]
     if fresh_tables:
+        state_rows = [state_row(lg) for lg in ledgers]
         await conn.copy_records_to_table(
             "county_state",
             schema_name="ledger",
@@ -798,6 +822,8 @@ async def write_states(
             "milestones", schema_name="ledger", records=[row for lg in ledgers for row in milestone_rows(lg)]
         )
         return {}
+    encoded = {(lg.programme_id, lg.county_code): (lg.last_sequence, _state_encoder.encode(lg)) for lg in ledgers}
+    state_rows = [(p, c, sequence, state.decode()) for (p, c), (sequence, state) in encoded.items()]
     previous = previous_milestones or {}
     changed: list[MilestoneRow] = []
     for lg in ledgers:
@@ -828,7 +854,10 @@ async def write_states(
             " completed_via = EXCLUDED.completed_via, extended_deadline = EXCLUDED.extended_deadline",
             *_columns(changed, len(MILESTONE_COLUMNS)),
         )
-    return {(r["programme_id"], r["county_code"]): r["revision"] for r in written}
+    return {
+        (r["programme_id"], r["county_code"]): (r["revision"], *encoded[(r["programme_id"], r["county_code"])])
+        for r in written
+    }
 
 
 def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:

@@ -29,7 +29,7 @@ from contracts.events import (
 from contracts.facts import CountyFacts, fold
 from contracts.programme import load_default_programme
 from services.ledger.audit import _Audit
-from services.ledger.projection import LedgerProjection, StoredMessage, migrate
+from services.ledger.projection import CachedState, LedgerProjection, StoredMessage, migrate
 
 pytestmark = pytest.mark.integration
 PROGRAMME = load_default_programme()
@@ -264,3 +264,19 @@ async def test_the_audit_ignores_the_revision_and_still_catches_an_altered_state
     async with pool.acquire() as conn:
         await conn.execute("UPDATE ledger.county_state SET state = jsonb_set(state, '{milestones,1.2,percent}', '95')")
     assert await breaks() == [("read_model_altered", f"ledger.county_state {PROGRAMME.id} {X}")]
+
+
+def test_the_cache_keeps_the_most_recently_written_states_within_its_byte_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(projection_module, "STATE_CACHE_BYTES", 3_000)
+    cache = LedgerProjection(None, {PROGRAMME.id: PROGRAMME})  # type: ignore[arg-type]  # (no database used)
+    entries = {(PROGRAMME.id, f"4109{i:02d}"): CachedState(i, i, b"x" * 1_000) for i in range(5)}
+    for key, entry in entries.items():
+        cache._remember({key: entry})
+    assert list(cache._cache) == list(entries)[2:]  # the two least recent went
+    assert cache._cache_bytes == 3_000
+    cache._remember({list(entries)[2]: CachedState(9, 9, b"y" * 2_000)})  # rewritten: most recent now
+    assert list(cache._cache) == [list(entries)[4], list(entries)[2]] and cache._cache_bytes == 3_000
+    assert cache._take([list(entries)[4]]) == {list(entries)[4]: entries[list(entries)[4]]}
+    assert cache._cache_bytes == 2_000
