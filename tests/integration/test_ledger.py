@@ -275,12 +275,8 @@ async def test_rebuild_equals_live_processing(harness: Harness, ledger: Ledger) 
     assert await ledger.snapshot() == live
 
 
-async def test_a_rebuild_takes_what_the_replaced_read_model_says_was_retracted_as_a_hint_only(
-    harness: Harness, ledger: Ledger
-) -> None:
-    # A rebuild starts each county's fold with the retractions the old county_state names, and
-    # folds a county again only where the stream's retractions turn out different. Whatever the
-    # old read model claims, the rebuilt one equals the live one.
+async def spring_with_reports_to_retract(harness: Harness) -> None:
+    """The spring of 2017, then a progress report from 410926 ("r1") and from 410922 ("r2")."""
     await play_spring_2017(harness)
     harness.clock.set(at("2017-06-01"))
     for county, submission_id in (("410926", "r1"), ("410922", "r2")):
@@ -290,14 +286,27 @@ async def test_a_rebuild_takes_what_the_replaced_read_model_says_was_retracted_a
             county=county,
             submission_id=submission_id,
         )
-    # Not an event (it is parked, live and in every rebuild), on a subject read again.
-    await harness.js.publish(aggregate_subject(PROGRAMME.id, "410926"), b"{not json")
+
+
+async def retract(harness: Harness, county: str, submission_id: str) -> None:
     await accepted(
         harness,
-        {"kind": "retract_submission", "retracted_submission_id": "r1", "reason": "误报"},
-        county="410926",
+        {"kind": "retract_submission", "retracted_submission_id": submission_id, "reason": "误报"},
+        county=county,
         role=Role.CITY,
     )
+
+
+async def test_a_rebuild_takes_what_the_replaced_read_model_says_was_retracted_as_a_hint_only(
+    harness: Harness, ledger: Ledger
+) -> None:
+    # A rebuild starts each county's fold with the retractions the old county_state names, and
+    # folds a county again only where the stream's retractions turn out different. Whatever the
+    # old read model claims, the rebuilt one equals the live one.
+    await spring_with_reports_to_retract(harness)
+    # Not an event (it is parked, live and in every rebuild), on a subject read again.
+    await harness.js.publish(aggregate_subject(PROGRAMME.id, "410926"), b"{not json")
+    await retract(harness, "410926", "r1")
     await ledger.caught_up(harness)
     live = await ledger.snapshot()
     claims: dict[str, dict[str, list[str]]] = {
@@ -329,21 +338,9 @@ async def test_a_county_the_stream_gives_other_events_than_its_log_is_folded_fro
 ) -> None:
     # What a county is folded again from must be its log: read again from the stream, an event
     # missing or one more than the log holds sends that county back to its log.
-    await play_spring_2017(harness)
-    harness.clock.set(at("2017-06-01"))
-    for county, submission_id in (("410926", "r1"), ("410922", "r2")):
-        await accepted(
-            harness,
-            {"kind": "report_progress", "milestone_id": "1.3", "percent": 30},
-            county=county,
-            submission_id=submission_id,
-        )
-        await accepted(
-            harness,
-            {"kind": "retract_submission", "retracted_submission_id": submission_id, "reason": "误报"},
-            county=county,
-            role=Role.CITY,
-        )
+    await spring_with_reports_to_retract(harness)
+    await retract(harness, "410926", "r1")
+    await retract(harness, "410922", "r2")
     await ledger.caught_up(harness)
     live = await ledger.snapshot()
     stream = [item async for batch in read_stream(harness.js) for item in batch]
