@@ -502,7 +502,11 @@ class LedgerProjection:
             refold.update(key for key, ledger in states.items() if set(ledger.retracted) != retractions.get(key, set()))
             for key in refold:
                 del states[key]  # (its memory first: a third of the counties at a million events)
-            refolded = {key: folding(programmes[key[0]], key[1], retractions.get(key, ())) for key in sorted(refold)}
+
+            def fold_again(keys: Iterable[Key]) -> dict[Key, CountyFacts]:
+                return {key: folding(programmes[key[0]], key[1], retractions.get(key, ())) for key in keys}
+
+            refolded = fold_again(sorted(refold))
             source = await reread(list(refolded), last) if refolded and reread is not None else None
             if source is None:  # from their logs, before the indexes exist (a scan in the table's order)
                 await _refold_from_log(conn, refolded, programmes)
@@ -516,7 +520,7 @@ class LedgerProjection:
                     raise
                 await indexing
                 if strays:  # the stream gave them other events than their logs hold: from the logs
-                    again = {key: folding(programmes[key[0]], key[1], retractions.get(key, ())) for key in strays}
+                    again = fold_again(strays)
                     await _refold_from_log(conn, again, programmes)
                     refolded.update(again)
             states.update(refolded)
@@ -763,9 +767,11 @@ async def aggregate_log(
     return [(r["stream_sequence"], decode_event(r["envelope"].encode())) for r in rows]
 
 
-def state_row(ledger: CountyFacts) -> tuple[str, str, int, str]:
-    """A county's ``county_state`` row (programme_id, county_code, last_sequence, state)."""
-    return ledger.programme_id, ledger.county_code, ledger.last_sequence, _state_encoder.encode(ledger).decode()
+def state_row(ledger: CountyFacts, encoded: bytes | None = None) -> tuple[str, str, int, str]:
+    """A county's ``county_state`` row (programme_id, county_code, last_sequence, state), from
+    its state's JSON when the caller has it already."""
+    state = _state_encoder.encode(ledger) if encoded is None else encoded
+    return ledger.programme_id, ledger.county_code, ledger.last_sequence, state.decode()
 
 
 MILESTONE_COLUMNS = (
@@ -823,7 +829,7 @@ async def write_states(
         )
         return {}
     encoded = {(lg.programme_id, lg.county_code): (lg.last_sequence, _state_encoder.encode(lg)) for lg in ledgers}
-    state_rows = [(p, c, sequence, state.decode()) for (p, c), (sequence, state) in encoded.items()]
+    state_rows = [state_row(lg, encoded[(lg.programme_id, lg.county_code)][1]) for lg in ledgers]
     previous = previous_milestones or {}
     changed: list[MilestoneRow] = []
     for lg in ledgers:
