@@ -13,6 +13,8 @@ import datetime as dt
 import functools
 from dataclasses import dataclass, field
 
+import msgspec
+
 from contracts.audit import GENESIS
 from contracts.events import (
     EventEnvelope,
@@ -31,13 +33,17 @@ from contracts.payloads import ReviewOutcome
 from contracts.replies import FindingNotice, StoredEvent
 
 
-@dataclass(slots=True)
-class StoredSubmission:
-    """A submission already stored: enough to answer a resend exactly as the first time."""
+class StoredSubmission(msgspec.Struct, gc=False):
+    """A submission already stored: enough to answer a resend exactly as the first time.
+
+    A record holds one per submission for as long as its county is cached, so nothing here is
+    tracked by the cyclic collector (gc=False, tuples of untracked structs): tracked, they made
+    each full collection walk every stored submission, and those pauses were the service's
+    latency tail (tests/bench/README.md)."""
 
     digest: str
-    events: list[StoredEvent] = field(default_factory=list)
-    findings: list[FindingNotice] = field(default_factory=list)
+    events: tuple[StoredEvent, ...] = ()
+    findings: tuple[FindingNotice, ...] = ()
     retracted: bool = False
 
 
@@ -75,10 +81,12 @@ class CountyRecord:
     chain_head: str = GENESIS  # the hash chaining the next event to the last (contracts.audit)
     submissions: dict[str, StoredSubmission] = field(default_factory=dict)
     facts: Facts = field(default_factory=Facts)
-    # What a refold after a retraction needs: (submission id, payload) of the events fold_fact
-    # reads, in stream order; not the envelopes (most of a record's memory, and this record is
-    # held for as long as its county is cached).
-    _folded: list[tuple[str, EventPayload]] = field(default_factory=list, repr=False)
+    # What a refold after a retraction needs: the submission ids and payloads of the events
+    # fold_fact reads, in stream order; not the envelopes (most of a record's memory, and this
+    # record is held for as long as its county is cached). Two lists, not a list of pairs: a
+    # pair holding a payload struct stays tracked by the cyclic collector for good.
+    _folded_ids: list[str] = field(default_factory=list, repr=False)
+    _folded_payloads: list[EventPayload] = field(default_factory=list, repr=False)
 
     def apply(self, envelope: EventEnvelope, sequence: int) -> None:
         """Fold one stored event in (events arrive in stream order; a replay is ignored)."""
@@ -86,17 +94,18 @@ class CountyRecord:
             return
         kept = _for_refold(envelope.payload)
         if kept is not None:
-            self._folded.append((envelope.submission_id, kept))
+            self._folded_ids.append(envelope.submission_id)
+            self._folded_payloads.append(kept)
         self.last_sequence = max(self.last_sequence, sequence)
         stored = self.submissions.get(envelope.submission_id)
         if stored is None:
             stored = StoredSubmission(envelope.submission_digest)
             self.submissions[envelope.submission_id] = stored
-        stored.events.append(StoredEvent(envelope.event_id, envelope.event_type, sequence))
+        stored.events += (StoredEvent(envelope.event_id, envelope.event_type, sequence),)
         payload = envelope.payload
         if isinstance(payload, ProcedureFindingRecorded):
-            stored.findings.append(
-                FindingNotice(payload.rule_id, payload.finding_zh, payload.finding_en, payload.milestone_id)
+            stored.findings += (
+                FindingNotice(payload.rule_id, payload.finding_zh, payload.finding_en, payload.milestone_id),
             )
         if isinstance(payload, SubmissionRetracted):
             target = self.submissions.get(payload.retracted_submission_id)
@@ -108,7 +117,7 @@ class CountyRecord:
 
     def _refold(self) -> Facts:
         facts = Facts()
-        for submission_id, payload in self._folded:
+        for submission_id, payload in zip(self._folded_ids, self._folded_payloads, strict=True):
             if not self.submissions[submission_id].retracted:
                 fold_fact(facts, payload, submission_id)
         return facts

@@ -140,8 +140,8 @@ class SubmissionsService:
             if isinstance(decision, Duplicate):
                 return Accepted(
                     submission_id=submission.submission_id,
-                    events=tuple(decision.stored.events),
-                    findings=tuple(decision.stored.findings),
+                    events=decision.stored.events,
+                    findings=decision.stored.findings,
                     duplicate=True,
                 )
             envelopes = _envelopes(decision, submission, sender, digest, now)
@@ -160,8 +160,8 @@ class SubmissionsService:
             log.info("submission accepted", events=len(envelopes), findings=len(stored.findings))
             return Accepted(
                 submission_id=submission.submission_id,
-                events=tuple(stored.events),
-                findings=tuple(stored.findings),
+                events=stored.events,
+                findings=stored.findings,
             )
         return refused(
             ErrorCode.UNAVAILABLE,
