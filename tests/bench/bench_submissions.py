@@ -42,6 +42,11 @@ p99 ≤ 2× baseline. ``--profile DIR`` adds a run of the service under py-spy (
 py-spy``; not a project dependency) at the largest county count and prints where its on-CPU time
 goes; ``--profiler pyinstrument`` uses pyinstrument inside the child instead.
 
+The server child also times the cyclic collector's pauses (stages ``gc0``/``gc1``/``gc2``, one
+value per collection): a full collection stops the event loop, so its pause lands in the latency
+tail. The service child calls ``settle_heap()`` once serving, as the supervisor does in
+production; ``--no-settle`` leaves that out, to see what it saves.
+
 Throughput on these machines drifts by up to 60% between runs: compare the RATIOS. Never fails on
 a time.
 """
@@ -52,6 +57,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -159,6 +165,19 @@ class Stages:
 STAGES = Stages()
 
 
+def time_collections() -> None:
+    """Count the cyclic collector's pauses as stages ``gc0``/``gc1``/``gc2`` (one value per collection)."""
+    started: list[float] = []
+
+    def on_collection(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            STAGES.add(f"gc{info['generation']}", time.perf_counter() - started.pop())
+
+    gc.callbacks.append(on_collection)
+
+
 class TimedEventStore(EventStore):
     """The service's event store, with append and catch_up timed."""
 
@@ -193,11 +212,19 @@ def ctl_subject(name: str, verb: str) -> str:
 
 
 async def serve(
-    kind: str, name: str, url: str, units: int, max_in_flight: int, log_path: str, pyinstrument: str
+    kind: str,
+    name: str,
+    url: str,
+    units: int,
+    max_in_flight: int,
+    log_path: str,
+    pyinstrument: str,
+    settle: bool = True,
 ) -> None:
     """Serve ``kind`` while switched on by the parent (``bench.ctl.<name>.on|off|measure|stats|quit``)."""
     nc = await nats.connect(url, name=f"bench-{name}")
     js = nc.jetstream()
+    time_collections()
     quit_event = asyncio.Event()
     profiler: Any = None
     if pyinstrument:
@@ -211,6 +238,7 @@ async def serve(
         from services.common.clock import SystemClock
         from services.common.logging import configure_logging
         from services.common.micro import MicroService
+        from services.common.supervisor import settle_heap
         from services.submissions.app import start
 
         log_file = Path(log_path).open("a", encoding="utf-8")  # noqa: SIM115, ASYNC230 - for the child's life
@@ -218,9 +246,13 @@ async def serve(
         programme = synthetic_programme(units)
         service = TimedService(TimedEventStore(nc, js), {programme.id: programme}, SystemClock())
         micro: list[MicroService] = []
+        settled: list[bool] = []
 
         async def service_on() -> None:
             micro.append(await start(nc, service, max_in_flight=max_in_flight))
+            if settle and not settled:  # as services.common.supervisor does once every service serves
+                settle_heap()
+                settled.append(True)
 
         async def service_off() -> None:
             while micro:
@@ -309,8 +341,9 @@ def child_main(argv: list[str]) -> int:
     p.add_argument("--max-in-flight", type=int, required=True)
     p.add_argument("--log", default=os.devnull)
     p.add_argument("--pyinstrument", default="")
+    p.add_argument("--no-settle", action="store_true")
     a = p.parse_args(argv)
-    asyncio.run(serve(a.serve, a.name, a.url, a.units, a.max_in_flight, a.log, a.pyinstrument))
+    asyncio.run(serve(a.serve, a.name, a.url, a.units, a.max_in_flight, a.log, a.pyinstrument, not a.no_settle))
     return 0
 
 
@@ -362,6 +395,8 @@ class ServerChild:
         cmd = [sys.executable, SELF, "--serve", self.kind, "--name", self.name, "--url", self.url]
         cmd += ["--units", str(self.args.units), "--max-in-flight", str(self.args.max_in_flight)]
         cmd += ["--log", str(self.tmp / f"{self.name}.log")]
+        if self.args.no_settle:
+            cmd.append("--no-settle")
         if self.pyinstrument:
             cmd += ["--pyinstrument", self.pyinstrument]
         if self.py_spy is not None:
@@ -1032,6 +1067,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"server concurrency, both paths (default the service's MAX_IN_FLIGHT, {MAX_IN_FLIGHT})",
     )
     p.add_argument("--skip-cold", action="store_true", help="skip the cold-start (record catch-up) measurement")
+    p.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="serve without settle_heap() (the startup heap left to the cyclic collector), to see what it saves",
+    )
     p.add_argument("--profile", metavar="DIR", help="also profile the service at the largest county count")
     p.add_argument("--profiler", choices=("py-spy", "pyinstrument"), default="py-spy")
     p.add_argument("--quick", action="store_true", help="5,20 counties, 4 s per path in 2 slices (< 1 min)")
