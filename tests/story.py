@@ -75,7 +75,7 @@ class Story:
         programme = authorise(sender, submission, {self.programme.id: self.programme})
         assert not isinstance(programme, Refused), (day, county, programme)
         digest = hashlib.sha256(msgspec.json.encode(submission)).hexdigest()
-        decision = decide(self.programme, record, submission, digest, sender, now)
+        decision = decide(self.programme, record, submission, sender, now)
         assert isinstance(decision, Accept), (day, county, decision)
         for new in decision.events:
             envelope = EventEnvelope(

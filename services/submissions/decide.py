@@ -2,7 +2,8 @@
 and say which events to store — or why it is refused.
 
 Pure and deterministic: (programme, record, submission, sender, now) → decision. The service
-around it does the decoding, the loading and the appending.
+around it does the decoding, the loading and the appending, and for a submission id already
+stored reads that submission back from the stream for ``answer_resend``.
 
 Refused outright: malformed, unauthorised, unknown references, dates in the future, a reused
 submission id with other content. A step out of the procedure's order is *not* refused: the
@@ -48,7 +49,7 @@ from contracts.events import (
 )
 from contracts.payloads import Document, ExtensionOutcome, ReviewOutcome, recorded_as
 from contracts.programme import Decider, Programme
-from contracts.replies import Refused, refused
+from contracts.replies import Accepted, Refused, refused
 from services.submissions.procedure import Trigger, breaches, month_end
 from services.submissions.record import CountyRecord, Facts, StoredSubmission, fold_fact
 
@@ -78,11 +79,14 @@ class Accept:
 
 
 @dataclass(frozen=True)
-class Duplicate:
-    stored: StoredSubmission
+class Resent:
+    """The submission id is stored already (its first event at ``first_sequence``): the answer
+    is the stored one, or a conflict if the content differs (``answer_resend``)."""
+
+    first_sequence: int
 
 
-Decision = Accept | Duplicate | Refused
+Decision = Accept | Resent | Refused
 
 
 class _Refusal(Exception):
@@ -130,17 +134,14 @@ def decide(
     programme: Programme,
     record: CountyRecord,
     submission: Submission,
-    digest: str,
     sender: Sender,
     now: dt.datetime,
 ) -> Decision:
     """Decide an authorised submission against the county's record."""
     sid = submission.submission_id
-    stored = record.submissions.get(sid)
-    if stored is not None:
-        if stored.digest == digest:
-            return Duplicate(stored)
-        return refused(ErrorCode.SUBMISSION_ID_CONFLICT, submission_id=sid, field="$.submission_id")
+    first_sequence = record.submissions.get(sid)
+    if first_sequence is not None:
+        return Resent(first_sequence)
     try:
         occurred_at = _occurred_at(submission, now)
         context = _Context(programme, record, submission, sender, occurred_at, now)
@@ -148,6 +149,14 @@ def decide(
     except _Refusal as refusal:
         return refusal.refusal
     return Accept(tuple(_with_findings(programme, record.facts, sid, payloads, context.on)), occurred_at)
+
+
+def answer_resend(stored: StoredSubmission, submission_id: str, digest: str) -> Accepted | Refused:
+    """A submission id sent again: the same content gets the first answer again (nothing new is
+    stored), other content under the same id is refused."""
+    if stored.digest != digest:
+        return refused(ErrorCode.SUBMISSION_ID_CONFLICT, submission_id=submission_id, field="$.submission_id")
+    return Accepted(submission_id=submission_id, events=stored.events, findings=stored.findings, duplicate=True)
 
 
 def _occurred_at(submission: Submission, now: dt.datetime) -> dt.datetime:
@@ -294,11 +303,9 @@ class _Context:
             raise self.refuse(ErrorCode.UNKNOWN_REVIEW_KIND, "$.command.review_kind", f"{kind!r}; known: {known}")
         return review.decided_by
 
-    def prior_submission(self, submission_id: str, field: str) -> StoredSubmission:
-        stored = self.record.submissions.get(submission_id)
-        if stored is None:
+    def prior_submission(self, submission_id: str, field: str) -> None:
+        if submission_id not in self.record.submissions:
             raise self.refuse(ErrorCode.UNKNOWN_SUBMISSION, field, submission_id)
-        return stored
 
     def facts_of_command(self) -> Iterator[EventPayload]:
         command = self.submission.command
@@ -353,8 +360,9 @@ class _Context:
             case DecideExtension():
                 yield from self._extension_decision(command)
             case RetractSubmission():
-                target = self.prior_submission(command.retracted_submission_id, "$.command.retracted_submission_id")
-                if target.retracted or any(e.event_type == "submission_retracted" for e in target.events):
+                target = command.retracted_submission_id
+                self.prior_submission(target, "$.command.retracted_submission_id")
+                if target in self.record.retracted or target in self.record.retractions:
                     raise self.refuse(
                         ErrorCode.INVALID_VALUE,
                         "$.command.retracted_submission_id",

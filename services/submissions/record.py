@@ -33,18 +33,27 @@ from contracts.payloads import ReviewOutcome
 from contracts.replies import FindingNotice, StoredEvent
 
 
-class StoredSubmission(msgspec.Struct, gc=False):
-    """A submission already stored: enough to answer a resend exactly as the first time.
-
-    A record holds one per submission for as long as its county is cached, so nothing here is
-    tracked by the cyclic collector (gc=False, tuples of untracked structs): tracked, they made
-    each full collection walk every stored submission, and those pauses were the service's
-    latency tail (tests/bench/README.md)."""
+class StoredSubmission(msgspec.Struct, frozen=True, gc=False):
+    """A submission already stored, as its events in the stream say: enough to answer a resend
+    exactly as the first time. Built when one is stored, and again from the stream when its
+    submission id comes back (``stored_submission``); records do not keep it."""
 
     digest: str
-    events: tuple[StoredEvent, ...] = ()
+    events: tuple[StoredEvent, ...]
     findings: tuple[FindingNotice, ...] = ()
-    retracted: bool = False
+
+
+def stored_submission(stored: list[tuple[EventEnvelope, int]]) -> StoredSubmission:
+    """What one submission's events (with their stream sequences, in order) stored."""
+    return StoredSubmission(
+        digest=stored[0][0].submission_digest,
+        events=tuple(StoredEvent(envelope.event_id, envelope.event_type, sequence) for envelope, sequence in stored),
+        findings=tuple(
+            FindingNotice(payload.rule_id, payload.finding_zh, payload.finding_en, payload.milestone_id)
+            for payload in (envelope.payload for envelope, _ in stored)
+            if isinstance(payload, ProcedureFindingRecorded)
+        ),
+    )
 
 
 @dataclass
@@ -79,7 +88,15 @@ class CountyRecord:
     county_code: str
     last_sequence: int = 0  # stream sequence of the aggregate's last event (0: none yet)
     chain_head: str = GENESIS  # the hash chaining the next event to the last (contracts.audit)
-    submissions: dict[str, StoredSubmission] = field(default_factory=dict)
+    # Submission id -> stream sequence of its first event. A record is held for as long as its
+    # county is cached and grows with every submission, so it keeps per submission just what
+    # deciding needs (~150 bytes; a resend's answer is read back from the stream at that
+    # sequence) and nothing the cyclic collector walks: tracked objects per submission made
+    # each full collection walk every stored submission, and those pauses were the service's
+    # latency tail (tests/bench/README.md, "Submissions").
+    submissions: dict[str, int] = field(default_factory=dict)
+    retracted: set[str] = field(default_factory=set)  # submissions retracted
+    retractions: set[str] = field(default_factory=set)  # submissions that are retractions
     facts: Facts = field(default_factory=Facts)
     # What a refold after a retraction needs: the submission ids and payloads of the events
     # fold_fact reads, in stream order; not the envelopes (most of a record's memory, and this
@@ -97,34 +114,25 @@ class CountyRecord:
             self._folded_ids.append(envelope.submission_id)
             self._folded_payloads.append(kept)
         self.last_sequence = max(self.last_sequence, sequence)
-        stored = self.submissions.get(envelope.submission_id)
-        if stored is None:
-            stored = StoredSubmission(envelope.submission_digest)
-            self.submissions[envelope.submission_id] = stored
-        stored.events += (StoredEvent(envelope.event_id, envelope.event_type, sequence),)
+        self.submissions.setdefault(envelope.submission_id, sequence)
         payload = envelope.payload
-        if isinstance(payload, ProcedureFindingRecorded):
-            stored.findings += (
-                FindingNotice(payload.rule_id, payload.finding_zh, payload.finding_en, payload.milestone_id),
-            )
         if isinstance(payload, SubmissionRetracted):
-            target = self.submissions.get(payload.retracted_submission_id)
-            if target is not None:
-                target.retracted = True
+            self.retractions.add(envelope.submission_id)
+            if payload.retracted_submission_id in self.submissions:
+                self.retracted.add(payload.retracted_submission_id)
             self.facts = self._refold()
-        elif not stored.retracted:
-            fold_fact(self.facts, envelope.payload, envelope.submission_id)
+        elif envelope.submission_id not in self.retracted:
+            fold_fact(self.facts, payload, envelope.submission_id)
 
     def _refold(self) -> Facts:
         facts = Facts()
         for submission_id, payload in zip(self._folded_ids, self._folded_payloads, strict=True):
-            if not self.submissions[submission_id].retracted:
+            if submission_id not in self.retracted:
                 fold_fact(facts, payload, submission_id)
         return facts
 
     def is_retracted(self, submission_id: str) -> bool:
-        stored = self.submissions.get(submission_id)
-        return stored is not None and stored.retracted
+        return submission_id in self.retracted
 
 
 @functools.lru_cache(maxsize=4096)

@@ -24,17 +24,17 @@ from contracts.programme import Programme
 from contracts.replies import Accepted, Refused, refused
 from contracts.subjects import parse_submit_subject
 from services.common.clock import Clock
-from services.submissions.decide import Accept, Duplicate, Sender, authorise, decide
-from services.submissions.record import CountyRecord
+from services.submissions.decide import Accept, Resent, Sender, answer_resend, authorise, decide
+from services.submissions.record import CountyRecord, stored_submission
 from services.submissions.store import AppendConflict, AppendUncertain, EventStore
 
 log = structlog.get_logger(__name__)
 
 MAX_ATTEMPTS = 16
-# County records held in memory, counted in submissions (about 0.7 kB each): beyond this the
+# County records held in memory, counted in submissions (about 0.15 kB each): beyond this the
 # least recently used counties are dropped and caught up from the stream again when they next
 # submit. Without a bound a long-running instance holds every county's whole history.
-MAX_CACHED_SUBMISSIONS = 100_000
+MAX_CACHED_SUBMISSIONS = 400_000
 
 
 class SubmissionsService:
@@ -134,16 +134,12 @@ class SubmissionsService:
             self._records[key] = record
         for attempt in range(1, self._max_attempts + 1):
             now = self._clock.now()
-            decision = decide(programme, record, submission, digest, sender, now)
+            decision = decide(programme, record, submission, sender, now)
             if isinstance(decision, Refused):
                 return decision
-            if isinstance(decision, Duplicate):
-                return Accepted(
-                    submission_id=submission.submission_id,
-                    events=decision.stored.events,
-                    findings=decision.stored.findings,
-                    duplicate=True,
-                )
+            if isinstance(decision, Resent):
+                stored = await self._store.load_submission(record, submission.submission_id)
+                return answer_resend(stored, submission.submission_id, digest)
             envelopes = _envelopes(decision, submission, sender, digest, now)
             try:
                 sequences = await self._store.append(record, envelopes)
@@ -154,15 +150,12 @@ class SubmissionsService:
                 await asyncio.sleep(random.uniform(0, 0.002 * attempt))
                 record = await self._store.catch_up(record)
                 continue
-            for envelope, sequence in zip(envelopes, sequences, strict=True):
+            appended = list(zip(envelopes, sequences, strict=True))
+            for envelope, sequence in appended:
                 record.apply(envelope, sequence)
-            stored = record.submissions[submission.submission_id]
+            stored = stored_submission(appended)
             log.info("submission accepted", events=len(envelopes), findings=len(stored.findings))
-            return Accepted(
-                submission_id=submission.submission_id,
-                events=stored.events,
-                findings=stored.findings,
-            )
+            return Accepted(submission_id=submission.submission_id, events=stored.events, findings=stored.findings)
         return refused(
             ErrorCode.UNAVAILABLE,
             submission_id=submission.submission_id,

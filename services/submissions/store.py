@@ -34,7 +34,7 @@ from contracts.subjects import (
     event_headers,
     refusal_subject,
 )
-from services.submissions.record import CountyRecord
+from services.submissions.record import CountyRecord, StoredSubmission, stored_submission
 
 log = structlog.get_logger(__name__)
 
@@ -123,6 +123,26 @@ class EventStore:
         if failure:
             raise failure[0]
         return record
+
+    async def load_submission(self, record: CountyRecord, submission_id: str) -> StoredSubmission:
+        """A stored submission, read back from the aggregate's subject: its events are stored
+        together (one atomic append), from its first sequence on."""
+        subject = aggregate_subject(record.programme_id, record.county_code)
+        sequence = record.submissions[submission_id]
+        stored: list[tuple[EventEnvelope, int]] = []
+        while sequence <= record.last_sequence:
+            try:
+                msg = await self._js.get_msg(EVENTS_STREAM, seq=sequence, subject=subject, next=True)
+            except NotFoundError:
+                break
+            envelope = decode_event(msg.data or b"")
+            if envelope.submission_id != submission_id:
+                break
+            stored.append((envelope, int(msg.seq or sequence)))
+            sequence = stored[-1][1] + 1
+        if not stored:
+            raise NotFoundError(description=f"submission {submission_id} not at sequence {sequence} of {subject}")
+        return stored_submission(stored)
 
     async def append(self, record: CountyRecord, events: list[EventEnvelope]) -> list[int]:
         """Append atomically after ``record.last_sequence``, chained after ``record.chain_head``;

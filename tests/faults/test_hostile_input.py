@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import io
+import itertools
 import json
 import logging
 import re
@@ -63,7 +64,7 @@ from services.common.logging import configure_logging
 from services.common.micro import json_endpoint
 from services.demo.script import StoryFileError, default_story_path, load_story
 from services.gateway.tokens import TokenStore
-from services.submissions.record import CountyRecord
+from services.submissions.record import CountyRecord, StoredSubmission, stored_submission
 from services.submissions.service import SubmissionsService
 from services.submissions.store import EventStore
 from tests.faults.report import PROFILE, REPORT
@@ -440,6 +441,11 @@ class MemoryStore:
         first = len(self.stored) + 1
         self.stored += [encode_event(e) for e in events]
         return list(range(first, len(self.stored) + 1))
+
+    async def load_submission(self, record: CountyRecord, submission_id: str) -> StoredSubmission:
+        first = record.submissions[submission_id]
+        envelopes = [(decode_event(data), n) for n, data in enumerate(self.stored[first - 1 :], start=first)]
+        return stored_submission(list(itertools.takewhile(lambda e: e[0].submission_id == submission_id, envelopes)))
 
     async def record_refusal(
         self, subject: str, role: str, county: str, body: bytes, refusal: Refused, now: Any

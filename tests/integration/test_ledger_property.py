@@ -119,7 +119,7 @@ def history(steps: list[tuple[int, str, int]]) -> list[StoredMessage]:
         if not isinstance(authorise(sender, submission, {PROGRAMME.id: PROGRAMME}), type(PROGRAMME)):
             continue
         digest = hashlib.sha256(msgspec.json.encode(submission)).hexdigest()
-        decision = decide(PROGRAMME, record, submission, digest, sender, now)
+        decision = decide(PROGRAMME, record, submission, sender, now)
         if not isinstance(decision, Accept):
             continue
         for new in decision.events:

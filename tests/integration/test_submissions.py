@@ -4,6 +4,7 @@ every refusal kind refused and recorded, idempotency, concurrency, procedure fin
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -12,7 +13,9 @@ import structlog.testing
 from contracts.commands import MAX_SUBMISSION_BYTES, Role
 from contracts.errors import ErrorCode
 from contracts.replies import Accepted, Refused
-from contracts.subjects import EVENTS_STREAM
+from contracts.subjects import EVENTS_STREAM, submit_subject
+from services.submissions.service import SubmissionsService
+from services.submissions.store import EventStore
 from tests.harness import NOW, Harness, new_id, start_service
 
 pytestmark = pytest.mark.integration
@@ -249,6 +252,28 @@ async def test_the_same_submission_twice_is_stored_once_with_the_same_answer(har
     assert second.duplicate and not first.duplicate
     assert second.events == first.events and second.findings == first.findings
     assert len(await harness.events()) == 2  # the fact and its finding, once
+
+
+async def test_a_resend_is_answered_from_the_stream_by_a_fresh_instance_after_later_events(harness: Harness) -> None:
+    # A record keeps only where each submission's events start; the answer to a resend is read
+    # back from the stream, and must stop at the submission's own events (not the county's
+    # next submission, nor other counties' events stored in between).
+    tender = {"kind": "report_progress", "milestone_id": "1.3", "percent": 40, "steps_done": ["tender_published"]}
+    first = await harness.send(tender, submission_id="old-1")
+    await harness.send({"kind": "report_progress", "milestone_id": "1.1", "percent": 10}, county="410923")
+    later = await harness.send(tender | {"percent": 60}, submission_id="later-1")
+    assert isinstance(first, Accepted) and isinstance(later, Accepted) and len(first.events) == 2
+    fresh = SubmissionsService(
+        EventStore(harness.nc, harness.js), {harness.programme.id: harness.programme}, harness.clock
+    )
+    body = {"submission_id": "old-1", "programme_id": harness.programme.id, "county_code": "410928", "command": tender}
+    subject = submit_subject(Role.COUNTY, "410928")
+    again = await fresh.handle(subject, json.dumps(body).encode())
+    assert isinstance(again, Accepted) and again.duplicate
+    assert (again.events, again.findings) == (first.events, first.findings)
+    conflict = await fresh.handle(subject, json.dumps(body | {"command": tender | {"percent": 41}}).encode())
+    assert isinstance(conflict, Refused) and conflict.code is ErrorCode.SUBMISSION_ID_CONFLICT
+    assert len(await harness.events("410928")) == 3  # the fact and its finding, the later fact: nothing again
 
 
 async def test_a_reused_id_with_other_content_is_refused(harness: Harness) -> None:
