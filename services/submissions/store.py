@@ -41,6 +41,11 @@ log = structlog.get_logger(__name__)
 WRONG_LAST_SEQUENCE = 10071
 BATCH_DUPLICATE_MSG_ID = 10201
 REFUSAL_BODY_LIMIT = 64 * 1024
+# Records caught up at once. Each is an ordered push consumer, and the server pushes up to its
+# flow-control window to each before it waits: 64 at once (a restart meeting 100 counties'
+# first requests, ~1,700 events each) overflowed the connection's 64 MB of pending data, the
+# server cut it off as a slow consumer and the requests in flight were refused "unavailable".
+CONCURRENT_CATCH_UPS = 8
 
 
 class AppendConflict(Exception):
@@ -71,6 +76,7 @@ class EventStore:
         self._nc = nc
         self._js = js
         self._timeout = timeout
+        self._catching_up = asyncio.Semaphore(CONCURRENT_CATCH_UPS)
 
     async def catch_up(self, record: CountyRecord) -> CountyRecord:
         """Apply the aggregate's events stored after ``record.last_sequence``.
@@ -78,7 +84,11 @@ class EventStore:
         An ordered consumer whose callback folds each event in as it arrives. (Reading with
         ``next_msg`` costs a task and a timer per message: a fresh record caught up at about a
         third of the rate the stream can be read.) Raises nats' TimeoutError when nothing
-        arrives for ``timeout`` seconds."""
+        arrives for ``timeout`` seconds. At most CONCURRENT_CATCH_UPS at once."""
+        async with self._catching_up:
+            return await self._catch_up(record)
+
+    async def _catch_up(self, record: CountyRecord) -> CountyRecord:
         subject = aggregate_subject(record.programme_id, record.county_code)
         try:
             last = await self._js.get_last_msg(EVENTS_STREAM, subject)
