@@ -48,7 +48,8 @@ def settle_heap() -> None:
 
     A full collection walks every tracked object, and it stops the event loop while it does:
     the submissions service's took ~25 ms with the startup heap, and were the tail of its
-    latency; frozen, they take ~1 ms (tests/bench/README.md, "Submissions")."""
+    latency; frozen, they take a few ms (tests/bench/README.md, "Submissions"). Frozen objects
+    are still freed by reference counting; only a cycle among them would wait for the stop."""
     gc.collect()
     gc.freeze()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import json
 from typing import Any
 
@@ -97,6 +98,19 @@ async def test_readiness_and_metrics_over_http(running: Running) -> None:
     assert 'duban_ready{service="ledger"} 1.0' in metrics
     assert 'duban_request_seconds_count{endpoint="status",service="duban-submissions"}' in metrics
     assert "process_resident_memory_bytes" in metrics
+
+
+async def test_the_startup_heap_is_frozen_once_serving_and_given_back_on_stop(running: Running) -> None:
+    # settle_heap: full collections then walk only what serving creates, not the ~50,000
+    # objects of imports, programmes and wiring (tests/bench/README.md, "Submissions").
+    for _ in range(50):
+        if gc.get_freeze_count():
+            break
+        await asyncio.sleep(0.1)
+    assert gc.get_freeze_count() > 10_000
+    running.stop.set()
+    await asyncio.wait_for(running.services, 30)
+    assert gc.get_freeze_count() == 0
 
 
 async def test_stopping_answers_what_is_in_flight_and_loses_nothing(running: Running) -> None:
