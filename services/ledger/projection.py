@@ -442,7 +442,8 @@ class LedgerProjection:
             await conn.execute("TRUNCATE " + ", ".join(f"ledger.{t}" for t in READ_MODEL_TABLES if t != "checkpoint"))
             await conn.execute("DELETE FROM ledger.checkpoint WHERE projection = $1", PROJECTION)
             # Loading into an index-less table and indexing once is much cheaper than indexing
-            # row by row; the transaction keeps readers on the old tables meanwhile.
+            # row by row. Readers wait for the commit (TRUNCATE's exclusive lock): they never
+            # see the tables half built.
             await conn.execute("DROP INDEX ledger.event_log_aggregate; DROP INDEX ledger.event_log_recorded")
             copying: asyncio.Task[None] | None = None  # the previous batch's COPY, overlapping this decode
             programmes = self._programmes

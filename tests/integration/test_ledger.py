@@ -275,6 +275,35 @@ async def test_rebuild_equals_live_processing(harness: Harness, ledger: Ledger) 
     assert await ledger.snapshot() == live
 
 
+async def test_a_query_asked_during_a_rebuild_waits_for_it_and_gets_the_rebuilt_answer(
+    harness: Harness, ledger: Ledger
+) -> None:
+    # The rebuild truncates the read model in its transaction: a reader waits for the commit
+    # (PostgreSQL's ACCESS EXCLUSIVE lock), it never sees the tables half built or empty.
+    await play_spring_2017(harness)
+    await ledger.caught_up(harness)
+    live = await ledger.ask(TABLE_SUBJECT, ProgressTable)
+    batches = [batch async for batch in read_stream(harness.js, batch_size=5)]
+    halfway = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow_feed() -> AsyncIterator[list[tuple[int, bytes]]]:
+        for i, batch in enumerate(batches):
+            if i == len(batches) // 2:
+                halfway.set()
+                await go_on.wait()
+            yield batch
+
+    rebuilding = asyncio.create_task(ledger.projection.rebuild(slow_feed()))
+    await halfway.wait()
+    asked = asyncio.create_task(ledger.ask(TABLE_SUBJECT, ProgressTable))
+    await asyncio.sleep(1.0)
+    assert not asked.done(), "answered while the rebuild was half way"
+    go_on.set()
+    await rebuilding
+    assert await asked == live
+
+
 async def spring_with_reports_to_retract(harness: Harness) -> None:
     """The spring of 2017, then a progress report from 410926 ("r1") and from 410922 ("r2")."""
     await play_spring_2017(harness)
