@@ -6,9 +6,11 @@ database is unavailable the batch is kept, marked in progress and retried with b
 delayed, never dropped, and never overtaken by later events. At start the consumer is positioned
 at the checkpoint + 1: the checkpoint in PostgreSQL is the position.
 
-Rebuild: the stream read from the first event in large batches (services.common.replay). An
-empty read model with a long stream behind it is filled by a rebuild before the live consumer
-starts: at a million events, about ten times as fast as the live consumer's batches.
+Rebuild: the stream read from the first event in large batches (services.common.replay). A read
+model that is empty, or has more than half of a long stream still to apply (a database restored
+from an old backup, a ledger down for long), is caught up by a rebuild before the live consumer
+starts: at a million events a rebuild applies ~40,000-47,000 events a second, the live
+consumer's batches ~1,200-3,000.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ log = structlog.get_logger(__name__)
 DURABLE = "ledger"
 FETCH_BATCH = 1000
 REBUILD_BATCH = 5000
-FILL_BY_REBUILD_FROM = 10_000  # events behind an empty read model: fewer are left to the live consumer
+FILL_BY_REBUILD_FROM = 10_000  # events behind: fewer are always left to the live consumer
 
 
 async def supervise_live(
@@ -40,7 +42,7 @@ async def supervise_live(
     pause: asyncio.Lock | None = None,
 ) -> None:
     """Apply events as they are appended, until ``stop`` is set (see services.common.consumer)."""
-    await fill_empty(js, projection, pause)
+    await catch_up_by_rebuild(js, projection, pause)
 
     async def apply(batch: Batch) -> None:
         await projection.apply_batch([StoredMessage(sequence, data) for sequence, data in batch])
@@ -60,23 +62,32 @@ async def supervise_live(
     )
 
 
-async def fill_empty(js: JetStreamContext, projection: LedgerProjection, pause: asyncio.Lock | None) -> None:
-    """Rebuild an empty read model when the stream holds ``FILL_BY_REBUILD_FROM`` events or more.
-    A failure is logged and leaves the events to the live consumer."""
+def rebuild_to_catch_up(checkpoint: int, end: int) -> bool:
+    """Whether a read model at ``checkpoint`` catches up to ``end`` faster by a rebuild: at least
+    FILL_BY_REBUILD_FROM events behind, and empty or more than half of the stream behind. A
+    rebuild reads every event, 15-40 times as fast as the live consumer applies them, but holds
+    the read model's tables for its whole transaction (queries wait) and writes the whole log
+    again: for a short lag the live consumer is the cheaper way."""
+    behind = end - checkpoint
+    return behind >= FILL_BY_REBUILD_FROM and (checkpoint == 0 or 2 * behind > end)
+
+
+async def catch_up_by_rebuild(js: JetStreamContext, projection: LedgerProjection, pause: asyncio.Lock | None) -> None:
+    """Rebuild the read model if that catches it up faster (``rebuild_to_catch_up``). A failure
+    is logged and leaves the events to the live consumer."""
     try:
-        if await projection.checkpoint() > 0:
-            return
         end = int((await js.stream_info(EVENTS_STREAM)).state.last_seq)
-        if end < FILL_BY_REBUILD_FROM:
+        if not rebuild_to_catch_up(await projection.checkpoint(), end):
             return
         async with pause or asyncio.Lock():
-            if await projection.checkpoint() > 0:
+            checkpoint = await projection.checkpoint()
+            if not rebuild_to_catch_up(checkpoint, end):
                 return  # an operator's rebuild got there first
-            log.info("empty read model: filling it by a rebuild", events=end)
+            log.info("read model behind: catching up by a rebuild", checkpoint=checkpoint, events=end)
             result = await rebuild(js, projection, end)
-        log.info("empty read model filled", events=result.events, seconds=round(result.seconds, 2))
+        log.info("read model caught up by a rebuild", events=result.events, seconds=round(result.seconds, 2))
     except Exception:
-        log.exception("filling the empty read model by a rebuild failed; the live consumer catches up instead")
+        log.exception("catching up by a rebuild failed; the live consumer catches up instead")
 
 
 async def rebuild(js: JetStreamContext, projection: LedgerProjection, end: int) -> RebuildResult:

@@ -401,6 +401,9 @@ async def test_a_county_the_stream_gives_other_events_than_its_log_is_folded_fro
     assert [sorted(k[1] for k in keys) for keys in asked] == [["410922", "410926"]] * 3
 
 
+CAUGHT_UP_BY_REBUILD = "read model caught up by a rebuild"
+
+
 async def test_an_empty_read_model_is_filled_by_a_rebuild_then_followed_live(
     harness: Harness, ledger: Ledger, nats_url: str, fresh_database_sync: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -413,7 +416,7 @@ async def test_an_empty_read_model_is_filled_by_a_rebuild_then_followed_live(
         fresh = await start_ledger(nats_url, fresh_database_sync, harness.clock)
         try:
             checkpoint = await fresh.caught_up(harness)
-            filled = [e for e in logs if e["event"] == "empty read model filled"]
+            filled = [e for e in logs if e["event"] == CAUGHT_UP_BY_REBUILD]
             assert len(filled) == 1 and filled[0]["events"] == checkpoint
             assert await fresh.snapshot() == live
             # and then it follows the stream as any live consumer does
@@ -421,6 +424,43 @@ async def test_an_empty_read_model_is_filled_by_a_rebuild_then_followed_live(
             assert await fresh.caught_up(harness) == checkpoint + 1
         finally:
             await stop_ledger(fresh)
+
+
+async def test_a_read_model_behind_by_more_than_half_the_stream_catches_up_by_a_rebuild(
+    harness: Harness, ledger: Ledger, nats_url: str, fresh_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database restored from an old backup, a ledger down for long: a rebuild applies events
+    # 15-40 times as fast as the live consumer. A short lag is left to the live consumer.
+    monkeypatch.setattr(ledger_consumer, "FILL_BY_REBUILD_FROM", 1)
+    await play_spring_2017(harness)
+    applied = await ledger.caught_up(harness)
+    await stop_ledger(ledger)
+
+    async def report(count: int, offset: int) -> None:
+        for i in range(count):
+            body = {"kind": "report_progress", "milestone_id": "1.3", "percent": (offset + i) % 100}
+            await accepted(harness, body, county="410923")
+
+    async def restart() -> tuple[Ledger, int, list[dict[str, object]]]:
+        with structlog.testing.capture_logs() as logs:
+            again = await start_ledger(nats_url, fresh_database, harness.clock)
+            checkpoint = await again.caught_up(harness)
+        return again, checkpoint, [e for e in logs if e["event"] == CAUGHT_UP_BY_REBUILD]
+
+    await report(applied + 1, 0)  # more than half of the stream not applied
+    restarted, checkpoint, rebuilds = await restart()
+    try:
+        assert [e["events"] for e in rebuilds] == [checkpoint] and checkpoint == 2 * applied + 1
+        history = await restarted.ask(HISTORY_SUBJECT, CountyHistory, {"county_code": "410923"})
+        assert [e.payload["percent"] for e in history.entries] == [i % 100 for i in range(applied + 1)]
+    finally:
+        await stop_ledger(restarted)
+    await report(3, applied + 1)  # a short lag
+    restarted, later, rebuilds = await restart()
+    try:
+        assert rebuilds == [] and later == checkpoint + 3
+    finally:
+        await stop_ledger(restarted)
 
 
 async def test_postgres_outage_delays_events_but_loses_none(harness: Harness, nats_url: str, tmp_path: Path) -> None:
