@@ -30,7 +30,11 @@ from services.ledger.projection import Key, LedgerProjection, RebuildResult, Sto
 log = structlog.get_logger(__name__)
 
 DURABLE = "ledger"
-FETCH_BATCH = 1000
+# Events per fetch, and so per transaction. A batch writes each county it touches once: when the
+# ledger is behind, larger batches write each state for more events (at a million events, 4,000
+# appended a second: p99 append→queryable 3.3 s with 5,000, 8.0 s with 1,000). Once caught up a
+# fetch returns what has arrived, so this is only the ceiling.
+FETCH_BATCH = 5000
 REBUILD_BATCH = 5000
 FILL_BY_REBUILD_FROM = 10_000  # events behind: fewer are always left to the live consumer
 

@@ -336,10 +336,17 @@ class LedgerProjection:
         # A slice of counties at a time: at a million events a state is ~17 kB of JSON and ~40 kB
         # decoded, and a batch may touch a thousand counties.
         written: dict[Key, CachedState] = {}
+        written_bytes = 0
         keys = list(by_aggregate)
         for start in range(0, len(keys), STATES_PER_WRITE):
             some = {key: by_aggregate[key] for key in keys[start : start + STATES_PER_WRITE]}
-            written.update(await self._update_some_states(conn, some))
+            for key, entry in (await self._update_some_states(conn, some)).items():
+                written[key] = entry
+                written_bytes += len(entry.state)
+            # What the cache could not keep goes now, not after the commit: a batch may touch
+            # every county, ~40 MB of JSON at a million events.
+            while written_bytes > STATE_CACHE_BYTES:
+                written_bytes -= len(written.pop(next(iter(written))).state)
         return written
 
     async def _update_some_states(

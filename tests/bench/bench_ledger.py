@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Ledger benchmark: append, raw consume, rebuild, live catch-up, append→queryable lag.
+"""Ledger benchmark: append, raw consume, rebuild, catch-up as the ledger starts, append→queryable lag.
 
 A program, not a pytest test::
 
@@ -20,9 +20,11 @@ a few procedure findings and retractions), appends them, and measures:
 3. the ledger's rebuild (``services.ledger.consumer.rebuild``) after ``migrate()``: events/s, ratio to the raw
    rate, peak RSS during it (and the delta over the RSS before it), CPU seconds of this process,
    PostgreSQL and nats-server, and the table sizes after;
-4. live catch-up: read model truncated, ``run_live`` from sequence 1 until the checkpoint reaches
-   the end (per-batch transactions on the durable pull consumer);
-5. append→queryable lag at steady rates with ``run_live`` running: for each event, publish ack →
+4. catch-up as the ledger starts: read model truncated, ``supervise_live`` from sequence 1 until
+   the checkpoint reaches the end. An empty read model is filled by a rebuild
+   (``services.ledger.consumer.rebuild_to_catch_up``), then the live consumer follows;
+5. append→queryable lag at steady rates with ``supervise_live`` running (per-batch transactions
+   on the durable pull consumer): for each event, publish ack →
    checkpoint ≥ its sequence (p50/p95/p99/max).
 
 Throughput on these machines drifts by up to 60% between runs: compare the RATIOS.
@@ -1047,9 +1049,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as exc:
                 results["rebuild_profiled"] = {"failed": f"{type(exc).__name__}: {exc}"}
 
-        # 4. live catch-up ---------------------------------------------------------------
+        # 4. catch-up as the ledger starts -------------------------------------------------
         if not args.skip_catchup:
-            log("live catch-up from sequence 1 …")
+            log("catch-up from sequence 1 as the ledger starts …")
             with Phase(pg_pid, nats_pid) as ph:
                 catchup, live = await live_catchup(js, pool, projection, last_seq, args.catchup_max_seconds)
             catchup["cpu"] = ph.cpu
@@ -1219,7 +1221,7 @@ def render_table(r: dict[str, Any]) -> str:
     if "live_catchup" in r:
         lc = r["live_catchup"]
         rows.append(
-            ("LIVE CATCH-UP (run_live from 1)", f"{lc['events_per_s']:,} ev/s", f"{lc['ratio_to_raw']:.3f}× raw")
+            ("CATCH-UP from 1 as the ledger starts", f"{lc['events_per_s']:,} ev/s", f"{lc['ratio_to_raw']:.3f}× raw")
         )
         rows.append(
             (
@@ -1277,7 +1279,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--units", type=int, default=2844, help="county-level units (default 2,844)")
     p.add_argument("--seed", type=int, default=20170301)
     p.add_argument("--window", type=int, default=20_000, help="unacknowledged publishes during the bulk append")
-    p.add_argument("--catchup-max-seconds", type=float, default=900.0, help="stop the live catch-up after this")
+    p.add_argument("--catchup-max-seconds", type=float, default=900.0, help="stop the catch-up after this")
     p.add_argument("--skip-catchup", action="store_true")
     p.add_argument(
         "--lag-rates",

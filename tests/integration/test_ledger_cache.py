@@ -280,3 +280,30 @@ def test_the_cache_keeps_the_most_recently_written_states_within_its_byte_budget
     assert list(cache._cache) == [list(entries)[4], list(entries)[2]] and cache._cache_bytes == 3_000
     assert cache._take([list(entries)[4]]) == {list(entries)[4]: entries[list(entries)[4]]}
     assert cache._cache_bytes == 2_000
+
+
+async def test_a_batch_touching_more_states_than_the_cache_holds_keeps_the_last_written_within_budget(
+    pool: asyncpg.Pool, decoded: CountingDecoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch may touch every county (~40 MB of JSON at a million events): what the cache could
+    # not keep is let go while the batch is written, and the rest is read back when needed.
+    counties = [c.code for c in PROGRAMME.counties]
+    first = [progress(i + 1, county, "1.1", 10) for i, county in enumerate(counties)]
+    sizer = LedgerProjection(pool, PROGRAMMES)
+    await sizer.apply_batch(first)
+    sizes = {key[1]: len(entry.state) for key, entry in sizer._cache.items()}
+    assert list(sizes) == counties
+    budget = 2 * max(sizes.values()) + 500  # room for two states, not for all
+    monkeypatch.setattr(projection_module, "STATE_CACHE_BYTES", budget)
+    live = LedgerProjection(pool, PROGRAMMES)
+    second = [progress(len(first) + i + 1, county, "1.1", 20) for i, county in enumerate(counties)]
+    await live.apply_batch(second)
+    cached = [key[1] for key in live._cache]
+    assert cached == counties[-len(cached) :] and 0 < len(cached) < len(counties)  # the last written
+    assert live._cache_bytes == sum(len(entry.state) for entry in live._cache.values()) <= budget
+    third = [progress(2 * len(first) + i + 1, county, "1.1", 30) for i, county in enumerate(counties)]
+    calls = decoded.calls
+    await live.apply_batch(third)
+    assert decoded.calls - calls == len(counties) - len(cached)  # the cached ones were not read back
+    for county in counties:
+        assert await state(pool, county) == expected(first + second + third, county)
