@@ -12,16 +12,13 @@ from contracts.identifiers import Instant
 from contracts.payloads import Fields, decode_json
 
 
-# gc=False: scalars only, never part of a cycle. The submissions service keeps one per stored
-# event for as long as a county is cached; untracked, they (and the tuples holding them) cost
-# the cyclic collector nothing.
-class StoredEvent(Fields, frozen=True, gc=False):
+class StoredEvent(Fields, frozen=True):
     event_id: str
     event_type: str
     stream_sequence: int
 
 
-class FindingNotice(Fields, frozen=True, gc=False):
+class FindingNotice(Fields, frozen=True):
     rule_id: str
     finding_zh: str
     finding_en: str

@@ -238,7 +238,6 @@ async def serve(
         from services.common.clock import SystemClock
         from services.common.logging import configure_logging
         from services.common.micro import MicroService
-        from services.common.supervisor import settle_heap
         from services.submissions.app import start
 
         log_file = Path(log_path).open("a", encoding="utf-8")  # noqa: SIM115, ASYNC230 - for the child's life
@@ -246,13 +245,9 @@ async def serve(
         programme = synthetic_programme(units)
         service = TimedService(TimedEventStore(nc, js), {programme.id: programme}, SystemClock())
         micro: list[MicroService] = []
-        settled: list[bool] = []
 
         async def service_on() -> None:
             micro.append(await start(nc, service, max_in_flight=max_in_flight))
-            if settle and not settled:  # as services.common.supervisor does once every service serves
-                settle_heap()
-                settled.append(True)
 
         async def service_off() -> None:
             while micro:
@@ -317,6 +312,10 @@ async def serve(
     for verb, cb in (("on", on), ("off", off), ("measure", measure), ("stats", stats), ("quit", quit_)):
         await nc.subscribe(ctl_subject(name, verb), cb=cb)
     await nc.flush()
+    if kind == "service" and settle:  # as services.common.supervisor does once every service is ready
+        from services.common.supervisor import settle_heap
+
+        settle_heap()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, quit_event.set)
     print(json.dumps({"ready": name, "pid": os.getpid()}), flush=True)
     await quit_event.wait()
