@@ -22,8 +22,9 @@ NO_NUL = r"^[^\x00]*$"
 NUL_MESSAGE = "Expected `str` without U+0000 (NUL), which cannot be stored"
 
 Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
-Note = Annotated[str, msgspec.Meta(max_length=2000, pattern=NO_NUL)]
-Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=2000, pattern=NO_NUL)]
+LONGEST_NOTE = 2000  # characters: the longest free text any field allows
+Note = Annotated[str, msgspec.Meta(max_length=LONGEST_NOTE, pattern=NO_NUL)]
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=LONGEST_NOTE, pattern=NO_NUL)]
 Title = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 # 濮政办〔2016〕23号, 豫城建联办〔2016〕27号 …: free text, bounded.
 DocumentNumber = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=NO_NUL)]

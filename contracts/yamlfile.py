@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import msgspec
 import yaml
 
+from contracts.payloads import LONGEST_NOTE
+
 T = TypeVar("T")
 
 _AT_PATH = re.compile(r"^(?P<message>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.DOTALL)
@@ -56,6 +58,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", _UniqueKeyLoader.construct_yaml_timestamp)
+
+
+LONGEST_TEXT = LONGEST_NOTE  # no text in a data file is longer than the longest a message may carry
 
 
 def load_yaml_struct(path: Path, type_: type[T], error: type[DataFileError]) -> tuple[T, Callable[[str], int | None]]:
@@ -107,7 +112,9 @@ def load_yaml_struct(path: Path, type_: type[T], error: type[DataFileError]) -> 
 def _unstorable_text(data: Any) -> tuple[str, str] | None:
     """(key path, what is wrong) of the first string that cannot be stored or sent: a NUL
     (PostgreSQL refuses it) or a lone surrogate (not text: encoding it fails), both reachable
-    through YAML escapes ("\\0", "\\ud800"). Each node is looked at once (aliases share nodes)."""
+    through YAML escapes ("\\0", "\\ud800"), or one longer than any text a message carries (a
+    rule's source, a level's name: fields with no bound of their own). Each node is looked at
+    once (aliases share nodes)."""
     seen: set[int] = set()
     stack: list[tuple[str, Any]] = [("$", data)]
     while stack:
@@ -117,6 +124,8 @@ def _unstorable_text(data: Any) -> tuple[str, str] | None:
                 return key, "contains U+0000 (NUL), which cannot be stored"
             if any("\ud800" <= ch <= "\udfff" for ch in value):
                 return key, "contains a lone surrogate (U+D800 to U+DFFF), which is not text"
+            if len(value) > LONGEST_TEXT:
+                return key, f"is {len(value):,} characters long; text here is at most {LONGEST_TEXT:,}"
         elif isinstance(value, dict | list) and id(value) not in seen:
             seen.add(id(value))
             if isinstance(value, dict):

@@ -426,3 +426,13 @@ def test_no_counties(tmp_path: Path) -> None:
     err = error_of(tmp_path, text)
     assert err.key == "$.counties"
     assert "at least one county" in err.message
+
+
+def test_text_longer_than_any_message_carries_is_refused_where_it_is(tmp_path: Path) -> None:
+    # A rule's source has no bound of its own; no text in a data file may exceed the longest
+    # note an event carries.
+    text = edited("    source: 第三条（一）（二）", "    source: " + "条" * 2001)
+    err = error_of(tmp_path, text)
+    assert err.key == "$.rules[0].source" and err.line == line_of(text, "条" * 2001)
+    assert "2,001 characters" in str(err)
+    assert load_text(tmp_path, edited("    source: 第三条（一）（二）", "    source: " + "条" * 2000))
