@@ -182,9 +182,9 @@ async def read_all(
 
 
 async def read_subjects(
-    js: JetStreamContext, stream: str, subject: str, keep: Collection[str], upto: int, batch_size: int = 5000
+    js: JetStreamContext, stream: str, subject: str, keep: Collection[str] | None, upto: int, batch_size: int = 5000
 ) -> AsyncIterator[list[tuple[int, bytes]]] | None:
-    """The messages of the subjects ``keep`` (of those ``subject`` matches) up to sequence
+    """The messages of the subjects ``keep`` (None: all) of those ``subject`` matches, up to sequence
     ``upto`` (a message of ``subject``), interleaved in stream order, in batches of (stream
     sequence, data), through the replay; None where the replay does not speak the connection's
     auth (the caller reads another way)."""

@@ -16,11 +16,16 @@ consumer's batches ~1,200-3,000.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import defaultdict
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
+import msgspec
 import structlog
 from nats.js import JetStreamContext
 
+from contracts.events import SubmissionRetracted, decode_event
+from contracts.facts import retraction_of
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, aggregate_subject
 from services.common.consumer import Batch, follow
 from services.common.jetstream import read_all, read_subjects
@@ -101,7 +106,31 @@ async def rebuild(js: JetStreamContext, projection: LedgerProjection, end: int) 
     async def reread(keys: Sequence[Key], upto: int) -> AsyncIterable[Sequence[tuple[int, bytes]]] | None:
         return await read_subjects(js, EVENTS_STREAM, EVENTS_ALL, {aggregate_subject(*key) for key in keys}, upto)
 
-    return await projection.rebuild(read_stream(js), expected_last=end, reread=reread)
+    return await projection.rebuild(
+        read_stream(js), expected_last=end, reread=reread, foresee=lambda upto: foresee_retractions(js, upto)
+    )
+
+
+async def foresee_retractions(js: JetStreamContext, upto: int) -> dict[Key, set[str]] | None:
+    """What the stream's retractions up to ``upto`` retract, per county, from one quick pass
+    over the events' bytes: only those that name the retraction's type are decoded. None where
+    the replay cannot read the stream. A retraction missed here only makes the rebuild fold its
+    county again."""
+    events = await read_subjects(js, EVENTS_STREAM, EVENTS_ALL, None, upto)
+    if events is None:
+        return None
+    foreseen: defaultdict[Key, set[str]] = defaultdict(set)
+    async for batch in events:
+        for _, data in batch:
+            if RETRACTION in data:  # (its type, or a text that mentions it: decoding tells)
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    envelope = decode_event(data)
+                    if (retracted := retraction_of(envelope)) is not None:
+                        foreseen[(envelope.programme_id, envelope.county_code)].add(retracted)
+    return dict(foreseen)
+
+
+RETRACTION = str(SubmissionRetracted.__struct_config__.tag).encode()  # its event type
 
 
 async def read_stream(js: JetStreamContext, batch_size: int = REBUILD_BATCH) -> AsyncIterator[list[tuple[int, bytes]]]:

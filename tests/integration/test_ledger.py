@@ -401,6 +401,46 @@ async def test_a_county_the_stream_gives_other_events_than_its_log_is_folded_fro
     assert [sorted(k[1] for k in keys) for keys in asked] == [["410922", "410926"]] * 3
 
 
+async def test_an_empty_read_model_reads_the_retractions_ahead_and_folds_no_county_twice(
+    harness: Harness, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no read model to say what was retracted, the rebuild reads the stream's retractions
+    # ahead (one quick pass over the bytes): every county's fold starts right, and none is read
+    # again. A message that is not an event changes nothing.
+    await spring_with_reports_to_retract(harness)
+    await harness.js.publish(aggregate_subject(PROGRAMME.id, "410926"), b"{not json")
+    await retract(harness, "410926", "r1")
+    await retract(harness, "410922", "r2")
+    await ledger.caught_up(harness)
+    live = await ledger.snapshot()
+    end = int((await harness.js.stream_info("DUBAN_EVENTS")).state.last_seq)
+    assert await ledger_consumer.foresee_retractions(harness.js, end) == {
+        (PROGRAMME.id, "410926"): {"r1"},
+        (PROGRAMME.id, "410922"): {"r2"},
+    }
+    assert await ledger_consumer.foresee_retractions(harness.js, end - 1) == {(PROGRAMME.id, "410926"): {"r1"}}
+    reread: list[object] = []  # the subjects kept by each read of the stream after the first
+    real_read_subjects = ledger_consumer.read_subjects
+
+    async def read_subjects(*args: object, **kw: object) -> object:
+        reread.append(args[3])
+        return await real_read_subjects(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ledger_consumer, "read_subjects", read_subjects)
+    async with ledger.pool.acquire() as conn:
+        await conn.execute("TRUNCATE ledger.event_log, ledger.county_state, ledger.milestones, ledger.checkpoint")
+    with structlog.testing.capture_logs() as logs:
+        await ledger_consumer.rebuild(harness.js, ledger.projection, end)
+    assert await ledger.snapshot() == live
+    assert [e["counties"] for e in logs if e["event"] == "retractions read ahead"] == [2]
+    assert reread == [None], "the read-ahead (every subject) and no county read again"
+    # Replacing a read model, what it names is taken instead: nothing is read ahead.
+    with structlog.testing.capture_logs() as logs:
+        await ledger_consumer.rebuild(harness.js, ledger.projection, end)
+    assert await ledger.snapshot() == live
+    assert [e for e in logs if e["event"] == "retractions read ahead"] == []
+
+
 CAUGHT_UP_BY_REBUILD = "read model caught up by a rebuild"
 
 
