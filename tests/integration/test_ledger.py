@@ -439,6 +439,19 @@ async def test_an_empty_read_model_reads_the_retractions_ahead_and_folds_no_coun
         await ledger_consumer.rebuild(harness.js, ledger.projection, end)
     assert await ledger.snapshot() == live
     assert [e for e in logs if e["event"] == "retractions read ahead"] == []
+    # Where the stream cannot be read ahead (a connection the replay does not speak), the
+    # counties with retractions are folded again instead, to the same read model.
+    async with ledger.pool.acquire() as conn:
+        await conn.execute("TRUNCATE ledger.event_log, ledger.county_state, ledger.milestones, ledger.checkpoint")
+
+    async def cannot_read_ahead(js: object, upto: int) -> None:
+        return None
+
+    monkeypatch.setattr(ledger_consumer, "foresee_retractions", cannot_read_ahead)
+    reread.clear()
+    await ledger_consumer.rebuild(harness.js, ledger.projection, end)
+    assert await ledger.snapshot() == live
+    assert reread == [{aggregate_subject(PROGRAMME.id, county) for county in ("410922", "410926")}]
 
 
 CAUGHT_UP_BY_REBUILD = "read model caught up by a rebuild"
