@@ -457,11 +457,11 @@ class LedgerProjection:
             # the stream turn out other than foreseen is folded again at the end.
             foreseen: Mapping[Key, Collection[str]] = await _retractions_in_states(conn, programmes=self._programmes)
             # An empty read model foresees nothing, and a third of the counties would be folded
-            # twice: the stream's retractions are read ahead instead (its header blocks only,
-            # a fifth of a fold's time).
+            # twice: the stream's retractions are read ahead instead (one pass over its bytes,
+            # ~3 s at a million events, against ~5 s of folding those counties again).
             if foresee is not None and expected_last and not await conn.fetchval(_ANY_STATE):
                 foreseen = await _read_ahead(foresee, expected_last)
-            phases = {"read_ahead": time.monotonic() - started}
+            phases = {"foresee": time.monotonic() - started}
             await conn.execute("TRUNCATE " + ", ".join(f"ledger.{t}" for t in READ_MODEL_TABLES if t != "checkpoint"))
             await conn.execute("DELETE FROM ledger.checkpoint WHERE projection = $1", PROJECTION)
             # Loading into an index-less table and indexing once is much cheaper than indexing
@@ -611,7 +611,7 @@ class RebuildResult:
     events: int
     last_sequence: int
     seconds: float
-    phases: Mapping[str, float] = field(default_factory=dict)  # seconds: read_ahead, stream, … commit
+    phases: Mapping[str, float] = field(default_factory=dict)  # seconds: foresee, stream, … commit
 
 
 _LOG_COLUMNS = (

@@ -11,6 +11,7 @@ from typing import Any
 
 import nats
 from nats.errors import Error as NatsError
+from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import Error as JsError
 
 from services.common.embedded import EmbeddedNats, NatsClusterConfig, free_port
@@ -20,14 +21,17 @@ NODES = 3
 
 
 async def wait_for_jetstream(urls: list[str], timeout: float = 30.0) -> None:
-    """Until the cluster has elected its meta leader (JetStream requests go unanswered before)."""
+    """Until the cluster can place a stream on every node. JetStream requests go unanswered
+    before the meta leader is elected, and for a moment after it a stream replicated on every
+    node is refused "no suitable peers for placement, peer offline" (seen in CI)."""
     nc = await nats.connect(urls, connect_timeout=2)
     try:
         js = nc.jetstream(timeout=1.0)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                await js.account_info()
+                await js.add_stream(PROBE)
+                await js.delete_stream(PROBE.name or "")
                 return
             except (JsError, NatsError, TimeoutError):
                 if time.monotonic() > deadline:
@@ -35,6 +39,11 @@ async def wait_for_jetstream(urls: list[str], timeout: float = 30.0) -> None:
                 await asyncio.sleep(0.2)
     finally:
         await nc.close()
+
+
+PROBE = StreamConfig(
+    name="DUBAN_PLACEMENT_PROBE", subjects=["duban.placement.probe"], num_replicas=NODES, storage=StorageType.MEMORY
+)
 
 
 @asynccontextmanager
