@@ -460,7 +460,10 @@ class LedgerProjection:
             # twice: the stream's retractions are read ahead instead (one pass over its bytes,
             # ~3 s at a million events, against ~5 s of folding those counties again).
             if foresee is not None and expected_last and not await conn.fetchval(_ANY_STATE):
-                foreseen = await _read_ahead(foresee, expected_last)
+                ahead = await foresee(expected_last)
+                if ahead is not None:  # (None: cannot read ahead; those counties are folded again)
+                    foreseen = ahead
+                    log.info("retractions read ahead", counties=len(ahead), upto=expected_last)
             phases = {"foresee": time.monotonic() - started}
             await conn.execute("TRUNCATE " + ", ".join(f"ledger.{t}" for t in READ_MODEL_TABLES if t != "checkpoint"))
             await conn.execute("DELETE FROM ledger.checkpoint WHERE projection = $1", PROJECTION)
@@ -725,16 +728,6 @@ async def _retractions_in_states(conn: Connection, programmes: Mapping[str, Prog
 
 _retracted_decoder = msgspec.json.Decoder(list[str])
 _ANY_STATE = "SELECT EXISTS (SELECT 1 FROM ledger.county_state)"
-
-
-async def _read_ahead(foresee: Foresee, upto: int) -> Mapping[Key, Collection[str]]:
-    started = dt.datetime.now(dt.UTC)
-    foreseen = await foresee(upto)
-    if foreseen is None:  # (cannot read ahead: those counties are folded again instead)
-        return {}
-    seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
-    log.info("retractions read ahead", counties=len(foreseen), upto=upto, seconds=round(seconds, 2))
-    return foreseen
 
 
 async def _index_log(conn: Connection) -> None:

@@ -52,6 +52,7 @@ from contracts.escalation import ConfirmAction, OpsError, WaiveAction
 from contracts.events import EventEnvelope, decode_event, encode_event
 from contracts.facts import fold
 from contracts.ledger import CountyQuery, QueryError, TableQuery
+from contracts.payloads import LONGEST_NOTE
 from contracts.policy import PolicyFileError, default_policy_path, load_policy
 from contracts.programme import ProgrammeFileError, default_programme_path, load_programme
 from contracts.replies import Accepted, RefusalRecord, Refused, decode_reply, refused
@@ -71,7 +72,7 @@ from tests.faults.report import PROFILE, REPORT
 from tests.harness import NOW, PROGRAMME, reset_streams, start_service
 
 FUZZ = "fuzz inputs"
-MAX_TEXT = 2000  # the longest free text any field allows (a note)
+MAX_TEXT = LONGEST_NOTE  # the longest free text any field allows (a note)
 SUBMISSION_SCHEMA = jsonschema_rs.Draft202012Validator(
     json.loads((SCHEMA_DIR / "submission.schema.json").read_text("utf-8")), validate_formats=True
 )
