@@ -6,8 +6,9 @@ what is wrong, so an operator can fix the file without reading code.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,6 +62,10 @@ _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", _UniqueKeyLoader
 
 
 LONGEST_TEXT = LONGEST_NOTE  # no text in a data file is longer than the longest a message may carry
+# Values a data file may hold with its aliases expanded: the largest programme (2,844 counties)
+# holds ~40,000. Aliases let a few lines refer to a list of lists a thousand times over, which
+# every later step (conversion, validation) would walk in full.
+MOST_VALUES = 1_000_000
 
 
 def load_yaml_struct(path: Path, type_: type[T], error: type[DataFileError]) -> tuple[T, Callable[[str], int | None]]:
@@ -97,6 +102,11 @@ def load_yaml_struct(path: Path, type_: type[T], error: type[DataFileError]) -> 
     if unstorable is not None:
         key, what = unstorable
         raise error(path, locate(key), key, what)
+    values = _expanded_values(data, MOST_VALUES)
+    if values is None:
+        raise error(path, None, None, "a value contains itself through an alias (it has no end)")
+    if values > MOST_VALUES:
+        raise error(path, None, None, f"holds more than {MOST_VALUES:,} values once its aliases are expanded")
     try:
         value = msgspec.convert(data, type_, strict=True)
     except msgspec.ValidationError as exc:
@@ -134,6 +144,42 @@ def _unstorable_text(data: Any) -> tuple[str, str] | None:
             else:
                 stack += [(f"{key}[{i}]", v) for i, v in reversed(list(enumerate(value)))]
     return None
+
+
+def _expanded_values(data: Any, most: int) -> int | None:
+    """How many values ``data`` holds with its aliases expanded (a list or mapping counted each
+    time it is referred to), counted up to ``most`` + 1; None if one contains itself. Each node is
+    looked at once: its count is remembered."""
+    if not isinstance(data, dict | list):
+        return 1
+    counted: dict[int, int] = {}
+    on_path: set[int] = {id(data)}
+    # Depth first, without recursion: (a list or mapping, its members not yet counted, count so far).
+    stack: list[tuple[Any, Iterator[Any], int]] = [(data, _members(data), 1)]
+    while stack:
+        node, members, count = stack.pop()
+        for member in members:
+            if not isinstance(member, dict | list):
+                count += 1
+            elif id(member) in counted:
+                count += counted[id(member)]
+            elif id(member) in on_path:
+                return None
+            else:  # count it first, then go on with this one's members
+                stack += [(node, members, count), (member, _members(member), 1)]
+                on_path.add(id(member))
+                break
+        else:
+            on_path.discard(id(node))
+            counted[id(node)] = min(count, most + 1)
+            if stack:
+                parent, rest, so_far = stack.pop()
+                stack.append((parent, rest, so_far + counted[id(node)]))
+    return counted[id(data)]
+
+
+def _members(value: dict[Any, Any] | list[Any]) -> Iterator[Any]:
+    return itertools.chain(value, value.values()) if isinstance(value, dict) else iter(value)
 
 
 def _line_of(root: yaml.Node | None, key_path: str) -> int | None:

@@ -436,3 +436,28 @@ def test_text_longer_than_any_message_carries_is_refused_where_it_is(tmp_path: P
     assert err.key == "$.rules[0].source" and err.line == line_of(text, "条" * 2001)
     assert "2,001 characters" in str(err)
     assert load_text(tmp_path, edited("    source: 第三条（一）（二）", "    source: " + "条" * 2000))
+
+
+def test_aliases_expanding_to_too_many_values_are_refused(tmp_path: Path) -> None:
+    # A thousand references to a thousand references to a thousand values: a few kilobytes of
+    # YAML, a billion values for the steps after loading.
+    bomb = (
+        "\nx-a: &a [" + ", ".join(["1"] * 1000) + "]"
+        "\nx-b: &b [" + ", ".join(["*a"] * 1000) + "]"
+        "\nx-c: [" + ", ".join(["*b"] * 1000) + "]\n"
+    )
+    err = error_of(tmp_path, SHIPPED + bomb)
+    assert "more than 1,000,000 values once its aliases are expanded" in err.message
+
+
+def test_a_value_containing_itself_through_an_alias_is_refused(tmp_path: Path) -> None:
+    err = error_of(tmp_path, SHIPPED + "\nx-loop: &loop [1, [2, *loop]]\n")
+    assert "contains itself through an alias" in err.message
+
+
+def test_aliases_of_a_reasonable_size_still_load(tmp_path: Path) -> None:
+    text = edited('  - id: "1.1"\n    phase: "1"', '  - id: "1.1"\n    phase: &first "1"')
+    text = text.replace('  - id: "1.2"\n    phase: "1"', '  - id: "1.2"\n    phase: *first')
+    assert "*first" in text
+    programme = load_text(tmp_path, text)
+    assert [m.phase for m in programme.milestones[:2]] == ["1", "1"]
