@@ -182,16 +182,23 @@ async def read_all(
 
 
 async def read_subjects(
-    js: JetStreamContext, stream: str, subject: str, keep: Collection[str] | None, upto: int, batch_size: int = 5000
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    keep: Collection[str] | None,
+    upto: int,
+    batch_size: int = 5000,
+    select: bytes | None = None,
 ) -> AsyncIterator[list[tuple[int, bytes]]] | None:
     """The messages of the subjects ``keep`` (None: all) of those ``subject`` matches, up to sequence
     ``upto`` (a message of ``subject``), interleaved in stream order, in batches of (stream
-    sequence, data), through the replay; None where the replay does not speak the connection's
-    auth (the caller reads another way)."""
+    sequence, data), through the replay; with ``select``, only those whose data contain these
+    bytes. None where the replay does not speak the connection's auth (the caller reads another
+    way)."""
     nc: NatsClient = js._nc
     if lean_endpoint(nc) is None:
         return None
-    return replay(js, nc, None, stream, subject, upto, batch_size, idle_timeout=30.0, keep=keep)
+    return replay(js, nc, None, stream, subject, upto, batch_size, idle_timeout=30.0, keep=keep, select=select)
 
 
 async def read_messages(

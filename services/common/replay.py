@@ -88,14 +88,16 @@ class FrameSplitter:
     """Cuts NATS protocol frames out of a byte buffer (pure: no I/O).
 
     Stream messages (reply ``$JS.ACK…``) up to ``last`` go into the caller's list as (stream
-    sequence, data); the consumer sequence is checked on the way. Everything else is noted for
+    sequence, data), those of the ``keep`` subjects with the ``select`` bytes in their data if
+    given; the consumer sequence is checked on the way. Everything else is noted for
     the connection to act on: pings to answer, flow-control and stalled-consumer replies to send,
     heartbeats, server errors.
     """
 
-    def __init__(self, last: int, keep: Collection[bytes] | None = None) -> None:
+    def __init__(self, last: int, keep: Collection[bytes] | None = None, select: bytes | None = None) -> None:
         self.last = last  # the stream sequence to stop at
         self.keep = keep  # the subjects whose messages are handed out (None: all)
+        self.select = select  # handed out only if their data contain these bytes (None: all)
         self.taken = 0  # the last stream sequence handed out
         self.delivered = 0  # the last consumer sequence seen (per consumer)
         self.pings = 0
@@ -120,7 +122,7 @@ class FrameSplitter:
         """Take the whole frames of ``buf``; returns where the first incomplete frame starts.
         Stops early (at the frame after) on a gap, a server error or the last sequence."""
         find, startswith, size = buf.find, buf.startswith, len(buf)
-        taken, delivered, last, keep = self.taken, self.delivered, self.last, self.keep
+        taken, delivered, last, keep, select = self.taken, self.delivered, self.last, self.keep, self.select
         pos = 0
         try:
             while True:
@@ -171,7 +173,7 @@ class FrameSplitter:
                     self.done = True
                     return pos
                 taken = sequence
-                if keep is None or args[0] in keep:
+                if (keep is None or args[0] in keep) and (select is None or find(select, headers_end, end) >= 0):
                     out.append((sequence, buf[headers_end:end]))
                 if sequence == last:
                     self.done = True
@@ -216,19 +218,20 @@ async def replay(
     batch_size: int,
     idle_timeout: float,
     keep: Collection[str] | None = None,
+    select: bytes | None = None,
 ) -> AsyncIterator[list[tuple[int, bytes]]]:
     """Every message of ``subject`` in ``stream`` up to sequence ``last``, in order, in batches
     of (stream sequence, data); with ``keep``, only those of these subjects (of the subjects
-    ``subject`` matches: a consumer with many filter subjects is slow to deliver on the server).
-    Raises TimeoutError after ``idle_timeout`` seconds without one message, however many
-    restarts that took.
+    ``subject`` matches: a consumer with many filter subjects is slow to deliver on the server);
+    with ``select``, only those whose data contain these bytes. Raises TimeoutError after
+    ``idle_timeout`` seconds without one message read, however many restarts that took.
 
     ``endpoint`` None: the server ``nc`` is connected to at each (re)start, so that when a
     cluster's node goes away mid-replay, the replay follows nats-py to the node it reconnects to.
     """
-    splitter = FrameSplitter(last, None if keep is None else frozenset(s.encode() for s in keep))
+    splitter = FrameSplitter(last, None if keep is None else frozenset(s.encode() for s in keep), select)
     taken: list[tuple[int, bytes]] = []  # split off the socket, not yet handed out
-    progressed = time.monotonic()
+    progressed, reached = time.monotonic(), 0
     while not splitter.done:
         connection: _Connection | None = None
         consumer: str | None = None
@@ -243,13 +246,13 @@ async def replay(
             info = await js.add_consumer(stream, _ordered_consumer(inbox, subject, splitter.taken + 1))
             consumer = info.name
             async for batch in _deliveries(connection, splitter, taken, batch_size):
-                progressed = time.monotonic()
                 yield batch
         except (TimeoutError, _Restart, OSError, EOFError) as exc:  # nats' timeouts are TimeoutErrors too
             if taken:  # what arrived before the break is good: the restart begins after it
                 batch, taken = taken, []
-                progressed = time.monotonic()
                 yield batch
+            if splitter.taken > reached:  # (read, if not handed out)
+                progressed, reached = time.monotonic(), splitter.taken
             if time.monotonic() - progressed > idle_timeout:
                 raise TimeoutError(f"reading {stream} made no progress for {idle_timeout:.0f} s: {exc}") from exc
             log.warning("stream replay restarts", stream=stream, from_sequence=splitter.taken + 1, reason=str(exc))

@@ -117,17 +117,18 @@ async def foresee_retractions(js: JetStreamContext, upto: int) -> dict[Key, set[
     over the events' bytes: only those that name the retraction's type are decoded. None where
     the replay cannot read the stream. A retraction missed here only makes the rebuild fold its
     county again."""
-    events = await read_subjects(js, EVENTS_STREAM, EVENTS_ALL, None, upto)
+    # Only what names the retraction's type is handed out (its type, or a text that mentions it:
+    # decoding tells).
+    events = await read_subjects(js, EVENTS_STREAM, EVENTS_ALL, None, upto, select=RETRACTION)
     if events is None:
         return None
     foreseen: defaultdict[Key, set[str]] = defaultdict(set)
     async for batch in events:
         for _, data in batch:
-            if RETRACTION in data:  # (its type, or a text that mentions it: decoding tells)
-                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    envelope = decode_event(data)
-                    if (retracted := retraction_of(envelope)) is not None:
-                        foreseen[(envelope.programme_id, envelope.county_code)].add(retracted)
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                envelope = decode_event(data)
+                if (retracted := retraction_of(envelope)) is not None:
+                    foreseen[(envelope.programme_id, envelope.county_code)].add(retracted)
     return dict(foreseen)
 
 

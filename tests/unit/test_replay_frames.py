@@ -182,3 +182,16 @@ def test_only_the_kept_subjects_are_handed_out_and_the_others_still_count() -> N
     data = b"".join(hmsg(ack(i, i), b"%d" % i, subject=b"e.%d" % (1 + i % 2)) for i in range(1, 5))
     assert feed_all(splitter, data) == [(1, b"1"), (3, b"3")]
     assert splitter.done and splitter.taken == 4 and splitter.gap is None
+
+
+def test_only_messages_with_the_selected_bytes_are_handed_out_and_the_others_still_count() -> None:
+    splitter = FrameSplitter(last=5, select=b"needle")
+    data = (
+        hmsg(ack(1, 1), b'{"t":"needle"}')
+        + hmsg(ack(2, 2), b"hay", headers=b"X-Note: needle\r\n")  # in its headers only
+        + hmsg(ack(3, 3), b"hay", subject=b"needle.1")  # in its subject only
+        + msg(ack(4, 4), b"a needle")
+        + hmsg(ack(5, 5), b"needl")
+    )
+    assert feed_all(splitter, data, cuts=[40, 41, 200]) == [(1, b'{"t":"needle"}'), (4, b"a needle")]
+    assert splitter.done and splitter.taken == 5 and splitter.gap is None
