@@ -7,6 +7,10 @@ A program, not a pytest test::
     .venv/bin/python tests/bench/bench_memory.py                          # 1,000,000 events (long: see below)
     .venv/bin/python tests/bench/bench_memory.py --events 200000 --services ledger,submissions
 
+    # as deployed: an environment without the test dependencies (see "aiohttp" below)
+    python3 -m venv /tmp/duban-prod && /tmp/duban-prod/bin/pip install -e .
+    /tmp/duban-prod/bin/python tests/bench/bench_memory.py
+
 It starts, in a temporary directory removed at the end (``--keep`` keeps it), an ``EmbeddedNats``
 (JetStream file store, ``sync_interval: always``) and an ``EmbeddedPostgres(durable=True)``, writes
 a programme file with ``--units`` (2,844) synthetic counties (``tests/bench/synthetic.py``) and a
@@ -35,6 +39,11 @@ under ``tracemalloc`` and, once caught up, writes where the Python heap is: the 
 sites, the top files, and object counts by type. (tracemalloc slows the service and adds its own
 overhead; its figures attribute memory, they are not the peak.)
 
+aiohttp: nats-py imports it (for WebSockets) whenever it is installed, and it is one of duban's
+test dependencies, so run from the tests' environment every service carries it: ~8-10 MB of
+RSS more than installed as the README's run command installs it. The table's second line says
+which of the two was measured.
+
 With 1,000,000 events the run is long: generating and appending takes ~4-5 minutes on 2 cores
 (~4,500 ev/s with ``sync_interval: always``) and the ledger's live catch-up as shipped
 ~1,200-3,000 ev/s (``--catchup-max`` caps every wait, default 1,200 s; a capped service is
@@ -47,6 +56,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import signal
@@ -428,6 +438,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         **run_header(args),
         "goal_mb": GOAL_MB,
+        # nats-py imports aiohttp (for WebSockets) whenever it can: in the tests' environment
+        # (aiohttp is a test dependency) every service carries it, ~8-10 MB more than installed as
+        # the README's run command installs it. Run this from such an install to measure that.
+        "aiohttp_loaded": importlib.util.find_spec("aiohttp") is not None,
         "services": [],
     }
     tmp, nats_server, pg = bench_servers("duban-bench-mem-", "duban-bench-memory", args.tmpdir)
@@ -533,6 +547,9 @@ def render_table(r: dict[str, Any]) -> str:
     lines = [
         f"duban memory bench {r['date']}: {a['stream_messages']:,} events in the stream ({a['stream_mib']} MiB),"
         f" {r['args']['units']:,} units; goal: peak RSS ≤ {GOAL_MB:g} MB per service process",
+        "installed with the test dependencies: nats-py loads aiohttp in every service (~8-10 MB more)"
+        if r.get("aiohttp_loaded")
+        else "installed as the README's run command installs it (no test dependencies)",
         f"{'service':<12} {'peak RSS (VmHWM)':>18} {'RSS at end':>11} {'vs goal':>8} {'goal':>8}"
         f"  {'caught up':>9} {'after s':>8}  note",
         "-" * 110,
