@@ -88,9 +88,9 @@ class FrameSplitter:
     """Cuts NATS protocol frames out of a byte buffer (pure: no I/O).
 
     Stream messages (reply ``$JS.ACK…``) up to ``last`` go into the caller's list as (stream
-    sequence, data), those of the ``keep`` subjects with the ``select`` bytes in their data if
-    given; the consumer sequence is checked on the way. Everything else is noted for
-    the connection to act on: pings to answer, flow-control and stalled-consumer replies to send,
+    sequence, data), only those of the ``keep`` subjects and with the ``select`` bytes in their
+    data when given; the consumer sequence is checked on the way. Everything else is noted for the
+    connection to act on: pings to answer, flow-control and stalled-consumer replies to send,
     heartbeats, server errors.
     """
 
