@@ -254,7 +254,7 @@ async def replay(
             if splitter.taken > reached:  # (read, if not handed out)
                 progressed, reached = time.monotonic(), splitter.taken
             if time.monotonic() - progressed > idle_timeout:
-                raise TimeoutError(f"reading {stream} made no progress for {idle_timeout:.0f} s: {exc}") from exc
+                raise TimeoutError(f"reading {stream} made no progress for {idle_timeout:g} s: {exc}") from exc
             log.warning("stream replay restarts", stream=stream, from_sequence=splitter.taken + 1, reason=str(exc))
             await asyncio.sleep(0.2)
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -148,6 +149,46 @@ async def test_a_dropped_connection_resumes_after_the_last_message_taken(
     assert connections == 2
     restarts = [e for e in logs if e["event"] == "stream replay restarts"]
     assert len(restarts) == 1 and "closed" in restarts[0]["reason"]
+
+
+async def test_a_replay_that_hands_out_little_still_counts_what_it_read_as_progress(
+    stream: tuple[NatsClient, JetStreamContext], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With select, thousands of messages may be read before one is handed out: a restart after
+    # longer than the idle timeout is not "no progress" while messages were being read.
+    nc, js = stream
+    await fill(js, 2000)
+    marker = f"selected-{uuid.uuid4().hex}".encode()
+    last = (await js.publish("t.replay.b", b'{"note":"%b"}' % marker)).seq
+    opened = replay_module._Connection.open
+    connections = 0
+
+    async def open_slow_then_dropping(endpoint: Endpoint, timeout: float) -> replay_module._Connection:
+        nonlocal connections
+        connection = await opened(endpoint, timeout)
+        connections += 1
+        if connections == 1:
+            real_read = connection.reader.read
+            budget = [300_000]  # bytes, a little at a time, then the connection "drops"
+
+            async def read(n: int = -1) -> bytes:
+                if budget[0] <= 0:
+                    return b""
+                await asyncio.sleep(0.2)
+                chunk = await real_read(min(n, 100_000, budget[0]))
+                budget[0] -= len(chunk)
+                return chunk
+
+            monkeypatch.setattr(connection.reader, "read", read)
+        return connection
+
+    monkeypatch.setattr(replay_module._Connection, "open", open_slow_then_dropping)
+    endpoint = lean_endpoint(nc)
+    assert endpoint is not None
+    batches = replay(js, nc, endpoint, STREAM, "t.replay.>", last, 100, idle_timeout=0.5, select=marker)
+    got = [message async for batch in batches for message in batch]
+    assert got == [(last, b'{"note":"%b"}' % marker)]
+    assert connections == 2
 
 
 async def test_a_consumer_deleted_under_the_replay_is_made_again(stream: tuple[NatsClient, JetStreamContext]) -> None:
