@@ -9,8 +9,8 @@ at the checkpoint + 1: the checkpoint in PostgreSQL is the position.
 Rebuild: the stream read from the first event in large batches (services.common.replay). A read
 model that is empty, or has more than half of a long stream still to apply (a database restored
 from an old backup, a ledger down for long), is caught up by a rebuild before the live consumer
-starts: at a million events a rebuild applies ~48,000-62,000 events a second, the live
-consumer's batches ~1,200-3,000. An empty read model cannot say which submissions each county
+starts: at a million events a rebuild applies ~48,000-86,000 events a second (as the machine
+allows), the live consumer's batches ~1,200-4,000. An empty read model cannot say which submissions each county
 retracted, so the rebuild reads the stream's retractions ahead (:func:`foresee_retractions`).
 """
 
