@@ -137,9 +137,8 @@ def fold(programme: Programme, county_code: str, events: Iterable[tuple[int, Eve
     """The county's ledger from its events (sequence, envelope) in stream order."""
     history = list(events)
     ledger = folding(programme, county_code, {r for _, e in history if (r := retraction_of(e)) is not None})
-    zone = programme_zone(programme)
     for sequence, envelope in history:
-        fold_in(ledger, sequence, envelope, zone)
+        fold_in(ledger, sequence, envelope, programme)
     return ledger
 
 
@@ -152,11 +151,11 @@ def folding(programme: Programme, county_code: str, retracted: Iterable[str]) ->
     return ledger
 
 
-def fold_in(ledger: CountyFacts, sequence: int, envelope: EventEnvelope, zone: ZoneInfo) -> None:
+def fold_in(ledger: CountyFacts, sequence: int, envelope: EventEnvelope, programme: Programme) -> None:
     """The next event (in stream order) of a fold begun with :func:`folding`."""
     ledger.last_sequence = max(ledger.last_sequence, sequence)
     if envelope.submission_id not in ledger.retracted:
-        _apply(ledger, envelope, zone)
+        _apply(ledger, envelope, programme)
 
 
 def retraction_of(envelope: EventEnvelope) -> str | None:
@@ -178,21 +177,22 @@ def apply(programme: Programme, ledger: CountyFacts, sequence: int, envelope: Ev
         return False
     ledger.last_sequence = sequence
     if envelope.submission_id not in ledger.retracted:
-        _apply(ledger, envelope, programme_zone(programme))
+        _apply(ledger, envelope, programme)
     return True
 
 
 _ZONES: dict[str, ZoneInfo] = {}  # ZoneInfo(key) is cached too, but looking it up costs as much as a fold
 
 
-def _apply(ledger: CountyFacts, envelope: EventEnvelope, zone: ZoneInfo) -> None:
+def _apply(ledger: CountyFacts, envelope: EventEnvelope, programme: Programme) -> None:
     payload = envelope.payload
     if isinstance(payload, ProgressReported) and 1 < envelope.occurred_at.year < 9999:
-        # Most events. A progress report does not use the local date below, and away from the
-        # first and last year datetime knows, computing it could not fail either: skipped.
+        # Most events. A progress report does not use the local date below (nor the programme's
+        # zone), and away from the first and last year datetime knows, computing it could not
+        # fail either: skipped.
         _progress(ledger, envelope, payload)
         return
-    on = envelope.occurred_at.astimezone(zone).date()
+    on = envelope.occurred_at.astimezone(programme_zone(programme)).date()
     match payload:
         case ProgressReported():
             _progress(ledger, envelope, payload)
@@ -297,5 +297,6 @@ def _progress(ledger: CountyFacts, envelope: EventEnvelope, payload: ProgressRep
     m = ledger.milestones.get(payload.milestone_id)
     if m is not None:
         m.percent, m.note, m.reported_at = payload.percent, payload.note, envelope.occurred_at
-        if payload.steps_done or m.steps_done:  # (both empty: [] stays [])
+        # (steps_done is only ever this union, sorted: no step reported leaves it as it is)
+        if payload.steps_done:
             m.steps_done = sorted(set(m.steps_done).union(payload.steps_done))

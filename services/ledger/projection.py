@@ -44,7 +44,6 @@ from contracts.facts import (
     fold_in,
     folding,
     new_facts,
-    programme_zone,
     retraction_of,
 )
 from contracts.programme import Programme
@@ -507,7 +506,7 @@ class LedgerProjection:
                                 states[key] = ledger
                             try:
                                 if not apply(programme, ledger, seq, envelope):  # a retraction: fold's own step
-                                    fold_in(ledger, seq, envelope, programme_zone(programme))
+                                    fold_in(ledger, seq, envelope, programme)
                                     if (retracted := retraction_of(envelope)) is not None:
                                         retractions[key].add(retracted)
                             except Exception as exc:  # as the live consumer would: parked, county refolded without it
@@ -749,7 +748,7 @@ async def _refold_from_log(
     conn: Connection, refolded: dict[Key, CountyFacts], programmes: Mapping[str, Programme]
 ) -> None:
     async for key, sequence, envelope in _logs_in_stream_order(conn, list(refolded)):
-        fold_in(refolded[key], sequence, envelope, programme_zone(programmes[key[0]]))
+        fold_in(refolded[key], sequence, envelope, programmes[key[0]])
 
 
 async def _refold_from_stream(
@@ -771,7 +770,7 @@ async def _refold_from_stream(
             key = (envelope.programme_id, envelope.county_code)
             ledger = refolded.get(key)
             if ledger is not None:  # (else an event of another county on this subject)
-                fold_in(ledger, sequence, envelope, programme_zone(programmes[key[0]]))
+                fold_in(ledger, sequence, envelope, programmes[key[0]])
                 folded[key] += 1
     return {key for key in refolded if folded[key] != logged.get(key, 0)}
 
