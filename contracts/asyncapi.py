@@ -67,6 +67,7 @@ from contracts.events import (
     Actor,
     EventEnvelope,
     EventPayload,
+    IndexedRetraction,
     NotificationDelivered,
     NotificationFailed,
     NotificationQueued,
@@ -318,6 +319,17 @@ CHANNELS: tuple[Channel, ...] = (
         subjects.refusal_subject("{role_token}", "{county_token}"),
         (RefusalRecord,),
         summary=f"Every refused submission, as received, in the stream {subjects.REFUSALS_STREAM}",
+        publishers="the submissions service (user `svc-submissions`)",
+        service="submissions",
+    ),
+    Channel(
+        "retractionIndex",
+        subjects.retractions_subject("{programme_id}", "{county_code}"),
+        (IndexedRetraction,),
+        summary=(
+            f"One entry per retraction stored in {subjects.EVENTS_STREAM}, in the stream"
+            f" {subjects.RETRACTIONS_STREAM}: what a ledger rebuilding from nothing reads first"
+        ),
         publishers="the submissions service (user `svc-submissions`)",
         service="submissions",
     ),
@@ -680,6 +692,15 @@ EXAMPLES: dict[type[msgspec.Struct], tuple[msgspec.Struct, ...]] = {
             size=7,
             sha256=hashlib.sha256(b'"hello"').hexdigest(),
             body='"hello"',
+        ),
+    ),
+    IndexedRetraction: (
+        IndexedRetraction(
+            stream_sequence=4711,
+            event_id="410928-20170620-0007/0",
+            programme_id=_PROGRAMME,
+            county_code=_COUNTY,
+            retracted_submission_id="410928-20170619-0003",
         ),
     ),
     CountyQuery: (CountyQuery(county_code=_COUNTY),),

@@ -89,6 +89,31 @@ class SubmissionRetracted(RetractionFields, tag_field="type", tag="submission_re
     pass
 
 
+class IndexedRetraction(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An entry of the retraction index (``DUBAN_RETRACTIONS``, see contracts.subjects): the
+    retraction stored in ``DUBAN_EVENTS`` at ``stream_sequence``."""
+
+    stream_sequence: int
+    event_id: str
+    programme_id: ProgrammeId
+    county_code: CountyCode
+    retracted_submission_id: SubmissionId
+
+
+def indexed_retraction(envelope: EventEnvelope, stream_sequence: int) -> IndexedRetraction | None:
+    """The index entry of a stored event that retracts a submission (None for any other event)."""
+    payload = envelope.payload
+    if not isinstance(payload, SubmissionRetracted):
+        return None
+    return IndexedRetraction(
+        stream_sequence=stream_sequence,
+        event_id=envelope.event_id,
+        programme_id=envelope.programme_id,
+        county_code=envelope.county_code,
+        retracted_submission_id=payload.retracted_submission_id,
+    )
+
+
 class ProcedureFindingRecorded(Fields, tag_field="type", tag="procedure_finding_recorded", frozen=True):
     """A step reported out of the procedure's order: the fact stands, this finding says why it
     is irregular. The ledger shows it; escalation acts on it."""

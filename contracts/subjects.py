@@ -8,6 +8,8 @@ Events: one subject per aggregate, a county's part in a programme:
 ``duban.events.<programme_id>.<county_code>``, in the stream ``DUBAN_EVENTS``.
 Refusals: ``duban.refusals.<role>.<county token>`` in ``DUBAN_REFUSALS``, so an operator can list
 everything that was sent and not accepted.
+The retraction index: ``duban.retractions.<programme_id>.<county_code>`` in ``DUBAN_RETRACTIONS``,
+one entry per retraction stored in ``DUBAN_EVENTS``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,19 @@ EVENTS_ALL = f"{EVENTS_PREFIX}.>"
 REFUSALS_STREAM = "DUBAN_REFUSALS"
 REFUSALS_PREFIX = "duban.refusals"
 REFUSALS_ALL = f"{REFUSALS_PREFIX}.>"
+
+# An index of the retractions stored in DUBAN_EVENTS (contracts.events.IndexedRetraction), written
+# by the submissions service after each retraction it stores. A ledger rebuilding into an empty
+# database reads it to learn which submissions each county retracted before it folds, instead
+# of reading the whole event stream ahead (a retraction's type is in its data, never in its
+# subject: a county's facts share one subject, which its appends' concurrency check relies on).
+# A hint only: an entry missing or wrong makes the rebuild fold that county again.
+RETRACTIONS_STREAM = "DUBAN_RETRACTIONS"
+RETRACTIONS_PREFIX = "duban.retractions"
+RETRACTIONS_ALL = f"{RETRACTIONS_PREFIX}.>"
+# The stream's metadata key: the first DUBAN_EVENTS sequence the index covers (the events stream's
+# next sequence when the index was created). An index that does not cover from 1 is not used.
+RETRACTIONS_COVER_FROM = "duban_covers_from"
 
 # Signed checkpoints of the event chains' heads (contracts.audit): a stream of their own, since
 # the projections rely on DUBAN_EVENTS' sequences having no holes under their filter.
@@ -61,6 +76,10 @@ def parse_submit_subject(subject: str) -> tuple[str, str] | None:
 
 def aggregate_subject(programme_id: str, county_code: str) -> str:
     return f"{EVENTS_PREFIX}.{programme_id}.{county_code}"
+
+
+def retractions_subject(programme_id: str, county_code: str) -> str:
+    return f"{RETRACTIONS_PREFIX}.{programme_id}.{county_code}"
 
 
 def actions_subject(programme_id: str, county_code: str) -> str:

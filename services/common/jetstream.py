@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Collection
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from typing import Any, TypeVar
 
+import msgspec
 import nats
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -27,7 +29,19 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from contracts.subjects import AUDIT_ALL, AUDIT_STREAM, EVENTS_ALL, EVENTS_STREAM, REFUSALS_ALL, REFUSALS_STREAM
+from contracts.events import EventEnvelope, IndexedRetraction, indexed_retraction
+from contracts.subjects import (
+    AUDIT_ALL,
+    AUDIT_STREAM,
+    EVENTS_ALL,
+    EVENTS_STREAM,
+    REFUSALS_ALL,
+    REFUSALS_STREAM,
+    RETRACTIONS_ALL,
+    RETRACTIONS_COVER_FROM,
+    RETRACTIONS_STREAM,
+    retractions_subject,
+)
 from services.common.replay import lean_endpoint, replay
 
 log = structlog.get_logger(__name__)
@@ -73,6 +87,12 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             **common,
         ),
         StreamConfig(
+            name=RETRACTIONS_STREAM,
+            subjects=[RETRACTIONS_ALL],
+            description="duban retraction index: one entry per retraction in DUBAN_EVENTS, for rebuilds",
+            **common,
+        ),
+        StreamConfig(
             name=AUDIT_STREAM,
             subjects=[AUDIT_ALL],
             description="duban audit checkpoints: signed heads of every event chain (contracts.audit)",
@@ -84,6 +104,8 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
 async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Create the streams, or bring an existing one's configuration up to date."""
     for config in stream_configs(replicas):
+        if config.name == RETRACTIONS_STREAM:
+            config = await _with_coverage(js, config)
         try:
             await js.add_stream(config)
             log.info("stream ready", stream=config.name, replicas=replicas)
@@ -92,6 +114,65 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
                 raise
             await js.update_stream(config)
             log.info("stream updated", stream=config.name, replicas=replicas)
+
+
+async def _with_coverage(js: JetStreamContext, config: StreamConfig) -> StreamConfig:
+    """The retraction index's configuration with the first event sequence it covers: the one it
+    was created with, or, for a new index, the event stream's next sequence (1 on a new
+    deployment; later on a stream whose earlier retractions were never indexed)."""
+    try:
+        metadata = (await js.stream_info(RETRACTIONS_STREAM)).config.metadata or {}
+        start = metadata.get(RETRACTIONS_COVER_FROM)
+    except NotFoundError:
+        start = None
+    if start is None:
+        start = str((await js.stream_info(EVENTS_STREAM)).state.last_seq + 1)
+    return dataclasses.replace(config, metadata={**(config.metadata or {}), RETRACTIONS_COVER_FROM: start})
+
+
+async def index_retractions(js: JetStreamContext, stored: Iterable[tuple[EventEnvelope, int]]) -> int:
+    """Add the retractions among these stored events (envelope, stream sequence) to the
+    retraction index; returns how many. Once each: the entry's Nats-Msg-Id is its event's id.
+    Raises what publishing raises; the index is a hint, so the caller logs and carries on."""
+    count = 0
+    for envelope, sequence in stored:
+        entry = indexed_retraction(envelope, sequence)
+        if entry is None:
+            continue
+        await js.publish(
+            retractions_subject(entry.programme_id, entry.county_code),
+            _index_encoder.encode(entry),
+            headers={"Nats-Msg-Id": entry.event_id},
+        )
+        count += 1
+    return count
+
+
+_index_encoder = msgspec.json.Encoder()
+_index_decoder = msgspec.json.Decoder(IndexedRetraction)
+
+
+async def indexed_retractions(js: JetStreamContext, upto: int) -> list[IndexedRetraction] | None:
+    """The retraction index's entries for the event stream's sequences up to ``upto``; None
+    where there is no index, or it does not cover the stream from its first event (the caller
+    finds the retractions another way). An entry that does not decode is left out (a hint)."""
+    try:
+        info = await js.stream_info(RETRACTIONS_STREAM)
+    except NotFoundError:
+        return None
+    if (info.config.metadata or {}).get(RETRACTIONS_COVER_FROM) != "1":
+        return None
+    entries: list[IndexedRetraction] = []
+    async for batch in read_all(js, RETRACTIONS_STREAM, RETRACTIONS_ALL):
+        for _, data in batch:
+            try:
+                entry = _index_decoder.decode(data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning("retraction index entry left out: it does not decode", data=data[:200])
+                continue
+            if entry.stream_sequence <= upto:
+                entries.append(entry)
+    return entries
 
 
 async def connect(

@@ -60,6 +60,7 @@ from contracts.programme import Programme
 from contracts.subjects import (
     EVENTS_ALL,
     REFUSALS_ALL,
+    RETRACTIONS_ALL,
     SUBMISSIONS_OPS_PREFIX,
     SUBMIT_ALL,
     SUBMIT_PREFIX,
@@ -203,7 +204,7 @@ def _fixed_users() -> tuple[NatsUser, ...]:
         NatsUser(
             name="svc-submissions",
             role="service",
-            publish=(JS_API, EVENTS_ALL, REFUSALS_ALL, SRV_ALL, INBOX_ALL),
+            publish=(JS_API, EVENTS_ALL, REFUSALS_ALL, RETRACTIONS_ALL, SRV_ALL, INBOX_ALL),
             subscribe=(SUBMIT_ALL, SUBMISSIONS_OPS_ALL, INBOX_ALL, SRV_ALL),
             allow_responses=True,  # replies to the senders' own inboxes (_INBOX_county_<code>...)
             description="submissions service: decides submissions, appends events",

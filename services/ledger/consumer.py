@@ -11,7 +11,8 @@ model that is empty, or has more than half of a long stream still to apply (a da
 from an old backup, a ledger down for long), is caught up by a rebuild before the live consumer
 starts: at a million events a rebuild applies ~48,000-86,000 events a second (as the machine
 allows), the live consumer's batches ~1,200-4,000. An empty read model cannot say which submissions each county
-retracted, so the rebuild reads the stream's retractions ahead (:func:`foresee_retractions`).
+retracted: the rebuild reads them from the retraction index, or, where there is none, ahead in
+the stream (:func:`foresee_retractions`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from contracts.events import SubmissionRetracted, decode_event
 from contracts.facts import retraction_of
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, aggregate_subject
 from services.common.consumer import Batch, follow
-from services.common.jetstream import read_all, read_subjects
+from services.common.jetstream import indexed_retractions, read_all, read_subjects
 from services.common.postgres import TRANSIENT_ERRORS
 from services.ledger.projection import Key, LedgerProjection, RebuildResult, StoredMessage
 
@@ -113,10 +114,24 @@ async def rebuild(js: JetStreamContext, projection: LedgerProjection, end: int) 
 
 
 async def foresee_retractions(js: JetStreamContext, upto: int) -> dict[Key, set[str]] | None:
-    """What the stream's retractions up to ``upto`` retract, per county, from one quick pass
-    over the events' bytes: only those that name the retraction's type are decoded. None where
-    the replay cannot read the stream. A retraction missed here only makes the rebuild fold its
+    """What the stream's retractions up to ``upto`` retract, per county: from the retraction
+    index when it covers the stream from its first event, otherwise from one quick pass over the
+    events' bytes (only those that name the retraction's type are decoded). None where neither
+    can be read. A retraction missed here (or named wrongly) only makes the rebuild fold its
     county again."""
+    indexed = await indexed_retractions(js, upto)
+    if indexed is not None:
+        log.info("retractions foreseen from the retraction index", entries=len(indexed), upto=upto)
+        foreseen: defaultdict[Key, set[str]] = defaultdict(set)
+        for entry in indexed:
+            foreseen[(entry.programme_id, entry.county_code)].add(entry.retracted_submission_id)
+        return dict(foreseen)
+    return await read_retractions_ahead(js, upto)
+
+
+async def read_retractions_ahead(js: JetStreamContext, upto: int) -> dict[Key, set[str]] | None:
+    """The retractions up to ``upto``, per county, from a pass over the event stream's bytes
+    (1.8-3 s at a million events); None where the replay cannot read the stream."""
     # Only what names the retraction's type is handed out (its type, or a text that mentions it:
     # decoding tells).
     events = await read_subjects(js, EVENTS_STREAM, EVENTS_ALL, None, upto, select=RETRACTION)

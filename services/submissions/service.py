@@ -151,6 +151,7 @@ class SubmissionsService:
                 record = await self._store.catch_up(record)
                 continue
             appended = list(zip(envelopes, sequences, strict=True))
+            await self._store.index_retractions(appended)
             for envelope, sequence in appended:
                 record.apply(envelope, sequence)
             stored = stored_submission(appended)

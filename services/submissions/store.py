@@ -34,6 +34,7 @@ from contracts.subjects import (
     event_headers,
     refusal_subject,
 )
+from services.common.jetstream import index_retractions
 from services.submissions.record import CountyRecord, StoredSubmission, stored_submission
 
 log = structlog.get_logger(__name__)
@@ -188,6 +189,15 @@ class EventStore:
             raise
         except NatsTimeoutError as exc:
             raise AppendUncertain(str(exc)) from exc
+
+    async def index_retractions(self, stored: list[tuple[EventEnvelope, int]]) -> None:
+        """Add the retractions just stored to the retraction index (contracts.subjects). The index
+        is a hint for ledger rebuilds: when this fails (or the process stops before it), the
+        submission stays accepted and a rebuild folds that county again."""
+        try:
+            await index_retractions(self._js, stored)
+        except Exception as exc:  # (any failure: the events are stored, and the answer must go out)
+            log.warning("retraction not indexed", error=repr(exc))
 
     async def _append_batch(
         self, subject: str, expected: str, messages: list[tuple[bytes, dict[str, str]]]

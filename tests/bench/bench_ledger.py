@@ -86,7 +86,7 @@ from contracts.events import (  # noqa: E402
 from contracts.payloads import Document, ExtensionOutcome, ProgressTableLine, ReviewOutcome  # noqa: E402
 from contracts.programme import Decider, Programme  # noqa: E402
 from contracts.subjects import EVENT_TYPE_HEADER, EVENTS_ALL, EVENTS_STREAM, aggregate_subject  # noqa: E402
-from services.common.jetstream import ensure_streams  # noqa: E402
+from services.common.jetstream import ensure_streams, index_retractions  # noqa: E402
 from services.common.postgres import create_pool  # noqa: E402
 from services.ledger.consumer import read_stream, supervise_live  # noqa: E402
 from services.ledger.consumer import rebuild as rebuild_from_stream  # noqa: E402
@@ -506,8 +506,16 @@ def mib(n: int | float) -> float:
 # ------------------------------------------------------------------------------------------
 
 
+RETRACTED = str(SubmissionRetracted.__struct_config__.tag)  # its event type
+
+
 async def bulk_append(nc: NatsClient, source: EventSource, n: int, window: int, chunk: int) -> dict[str, Any]:
-    """Core publishes with a reply inbox; at most ``window`` unacknowledged; acks counted."""
+    """Core publishes with a reply inbox; at most ``window`` unacknowledged; acks counted. Then
+    the retractions go into the retraction index, as the submissions service adds each one it
+    stores (their sequences follow from the order published, when every event was stored once)."""
+    js = nc.jetstream()
+    start = (await js.stream_info(EVENTS_STREAM)).state.last_seq + 1
+    retractions: list[tuple[int, bytes]] = []  # (sequence if all is stored once, data)
     inbox = nc.new_inbox()
     state: dict[str, Any] = {"outstanding": 0, "acked": 0, "errors": 0, "duplicates": 0, "first_error": ""}
     room = asyncio.Event()
@@ -534,12 +542,14 @@ async def bulk_append(nc: NatsClient, source: EventSource, n: int, window: int, 
         g0 = time.perf_counter()
         items = source.chunk(min(chunk, n - published))
         gen_seconds += time.perf_counter() - g0
-        for subject, data, headers, _ in items:
+        for number, (subject, data, headers, event_type) in enumerate(items, start=start + published):
             while state["outstanding"] >= window:
                 room.clear()
                 await room.wait()
             state["outstanding"] += 1
             await nc.publish(subject, data, reply=inbox, headers=headers)
+            if event_type == RETRACTED:
+                retractions.append((number, data))
         published += len(items)
         del items
     await nc.flush()
@@ -552,6 +562,9 @@ async def bulk_append(nc: NatsClient, source: EventSource, n: int, window: int, 
             await asyncio.sleep(0.01)
     seconds = time.perf_counter() - t0
     await sub.unsubscribe()
+    indexed = 0
+    if state["acked"] == n and not state["errors"] and not state["duplicates"]:
+        indexed = await index_retractions(js, [(decode_event(data), sequence) for sequence, data in retractions])
     publish_seconds = seconds - gen_seconds
     return {
         "events": n,
@@ -565,6 +578,7 @@ async def bulk_append(nc: NatsClient, source: EventSource, n: int, window: int, 
         "events_per_s_incl_generation": round(n / seconds),
         "events_per_s_publish_only": round(n / publish_seconds) if publish_seconds > 0 else None,
         "window": window,
+        "retractions_indexed": indexed,
     }
 
 

@@ -443,6 +443,9 @@ class MemoryStore:
         self.stored += [encode_event(e) for e in events]
         return list(range(first, len(self.stored) + 1))
 
+    async def index_retractions(self, stored: list[tuple[EventEnvelope, int]]) -> None:
+        pass  # (the retraction index is a hint for ledger rebuilds; none here)
+
     async def load_submission(self, record: CountyRecord, submission_id: str) -> StoredSubmission:
         first = record.submissions[submission_id]
         envelopes = [(decode_event(data), n) for n, data in enumerate(self.stored[first - 1 :], start=first)]

@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from itertools import starmap
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import openpyxl
@@ -18,6 +19,8 @@ import pytest
 import structlog
 
 from contracts.commands import Role
+from contracts.events import IndexedRetraction, decode_event
+from contracts.facts import retraction_of
 from contracts.ledger import (
     COUNTY_SUBJECT,
     HISTORY_SUBJECT,
@@ -33,8 +36,9 @@ from contracts.ledger import (
     Status,
 )
 from contracts.replies import Accepted
-from contracts.subjects import aggregate_subject
+from contracts.subjects import RETRACTIONS_COVER_FROM, RETRACTIONS_STREAM, aggregate_subject, retractions_subject
 from services.common.embedded import EmbeddedPostgres
+from services.common.jetstream import ensure_streams, indexed_retractions
 from services.ledger import consumer as ledger_consumer
 from services.ledger.consumer import read_stream
 from services.ledger.projection import GapError, RebuildResult, Reread, StoredMessage
@@ -401,57 +405,132 @@ async def test_a_county_the_stream_gives_other_events_than_its_log_is_folded_fro
     assert [sorted(k[1] for k in keys) for keys in asked] == [["410922", "410926"]] * 3
 
 
-async def test_an_empty_read_model_reads_the_retractions_ahead_and_folds_no_county_twice(
-    harness: Harness, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # With no read model to say what was retracted, the rebuild reads the stream's retractions
-    # ahead (one quick pass over the bytes): every county's fold starts right, and none is read
-    # again. A message that is not an event changes nothing.
+async def empty_read_model(ledger: Ledger) -> None:
+    async with ledger.pool.acquire() as conn:
+        await conn.execute("TRUNCATE ledger.event_log, ledger.county_state, ledger.milestones, ledger.checkpoint")
+
+
+async def two_counties_retracting(harness: Harness, ledger: Ledger) -> tuple[dict[str, list[tuple[Any, ...]]], int]:
+    """410926 retracts r1, 410922 r2, with a message that is not an event between; the live
+    ledger's read model once caught up, and the stream's last sequence."""
     await spring_with_reports_to_retract(harness)
     await harness.js.publish(aggregate_subject(PROGRAMME.id, "410926"), b"{not json")
     await retract(harness, "410926", "r1")
     await retract(harness, "410922", "r2")
     await ledger.caught_up(harness)
-    live = await ledger.snapshot()
-    end = int((await harness.js.stream_info("DUBAN_EVENTS")).state.last_seq)
+    return await ledger.snapshot(), int((await harness.js.stream_info("DUBAN_EVENTS")).state.last_seq)
+
+
+def recording_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The subjects kept by each read of the event stream through ``read_subjects`` (None: all,
+    the read-ahead; a set: counties read again), recorded as the reads begin."""
+    reads: list[object] = []
+    real_read_subjects = ledger_consumer.read_subjects
+
+    async def read_subjects(*args: object, **kw: object) -> object:
+        reads.append(args[3])
+        return await real_read_subjects(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ledger_consumer, "read_subjects", read_subjects)
+    return reads
+
+
+async def test_an_empty_read_model_takes_the_retractions_from_the_index_and_reads_the_stream_once(
+    harness: Harness, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The submissions service adds every retraction it stores to the retraction index. With no
+    # read model to say what was retracted, the rebuild reads that index: every county's fold
+    # starts right, the event stream is read once, and no county is read again.
+    live, end = await two_counties_retracting(harness, ledger)
+    retractions = [
+        (sequence, envelope)
+        for batch in [b async for b in read_stream(harness.js)]
+        for sequence, envelope in ((seq, decode_event(data)) for seq, data in batch if b"submission_retracted" in data)
+    ]
+    indexed = await indexed_retractions(harness.js, end)
+    assert indexed is not None
+    assert [(e.stream_sequence, e.event_id, e.county_code, e.retracted_submission_id) for e in indexed] == [
+        (sequence, envelope.event_id, envelope.county_code, retracted)
+        for sequence, envelope in retractions
+        if (retracted := retraction_of(envelope)) is not None
+    ]
+    assert [e.retracted_submission_id for e in indexed] == ["r1", "r2"]
+    await ensure_streams(harness.js)  # declared again, as every service does when it starts
+    info = await harness.js.stream_info(RETRACTIONS_STREAM)
+    assert (info.config.metadata or {})[RETRACTIONS_COVER_FROM] == "1"
     assert await ledger_consumer.foresee_retractions(harness.js, end) == {
         (PROGRAMME.id, "410926"): {"r1"},
         (PROGRAMME.id, "410922"): {"r2"},
     }
     assert await ledger_consumer.foresee_retractions(harness.js, end - 1) == {(PROGRAMME.id, "410926"): {"r1"}}
-    reread: list[object] = []  # the subjects kept by each read of the stream after the first
-    real_read_subjects = ledger_consumer.read_subjects
+    reads = recording_reads(monkeypatch)
+    await empty_read_model(ledger)
+    with structlog.testing.capture_logs() as logs:
+        await ledger_consumer.rebuild(harness.js, ledger.projection, end)
+    assert await ledger.snapshot() == live
+    assert [e["entries"] for e in logs if e["event"] == "retractions foreseen from the retraction index"] == [2]
+    assert reads == [], "nothing read ahead, no county read again"
+    # The index is a hint: an entry naming a submission that stands, and one that is not an
+    # entry at all, only make the rebuild fold that county again, to the same read model.
+    await harness.js.publish(
+        retractions_subject(PROGRAMME.id, "410928"),
+        msgspec.json.encode(
+            IndexedRetraction(
+                stream_sequence=end,
+                event_id="made-up/0",
+                programme_id=PROGRAMME.id,
+                county_code="410928",
+                retracted_submission_id="s-39",
+            )
+        ),
+    )
+    await harness.js.publish(retractions_subject(PROGRAMME.id, "410928"), b"not an entry")
+    await empty_read_model(ledger)
+    await ledger_consumer.rebuild(harness.js, ledger.projection, end)
+    assert await ledger.snapshot() == live
+    assert reads == [{aggregate_subject(PROGRAMME.id, "410928")}]
 
-    async def read_subjects(*args: object, **kw: object) -> object:
-        reread.append(args[3])
-        return await real_read_subjects(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ledger_consumer, "read_subjects", read_subjects)
-    async with ledger.pool.acquire() as conn:
-        await conn.execute("TRUNCATE ledger.event_log, ledger.county_state, ledger.milestones, ledger.checkpoint")
+async def test_without_an_index_from_the_first_event_an_empty_read_model_reads_the_retractions_ahead(
+    harness: Harness, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An index created after events were stored (a deployment from before the index, or one
+    # restored without it) does not cover the earlier retractions: the rebuild reads the
+    # stream's retractions ahead (one quick pass over its bytes) and folds no county twice.
+    live, end = await two_counties_retracting(harness, ledger)
+    await harness.js.delete_stream(RETRACTIONS_STREAM)
+    await ensure_streams(harness.js)  # as a service starting finds it: created, from the next event on
+    info = await harness.js.stream_info(RETRACTIONS_STREAM)
+    assert (info.config.metadata or {})[RETRACTIONS_COVER_FROM] == str(end + 1)
+    assert await indexed_retractions(harness.js, end) is None
+    assert await ledger_consumer.foresee_retractions(harness.js, end) == {
+        (PROGRAMME.id, "410926"): {"r1"},
+        (PROGRAMME.id, "410922"): {"r2"},
+    }
+    reads = recording_reads(monkeypatch)
+    await empty_read_model(ledger)
     with structlog.testing.capture_logs() as logs:
         await ledger_consumer.rebuild(harness.js, ledger.projection, end)
     assert await ledger.snapshot() == live
     assert [e["counties"] for e in logs if e["event"] == "retractions read ahead"] == [2]
-    assert reread == [None], "the read-ahead (every subject) and no county read again"
+    assert reads == [None], "the read-ahead (every subject) and no county read again"
     # Replacing a read model, what it names is taken instead: nothing is read ahead.
     with structlog.testing.capture_logs() as logs:
         await ledger_consumer.rebuild(harness.js, ledger.projection, end)
     assert await ledger.snapshot() == live
     assert [e for e in logs if e["event"] == "retractions read ahead"] == []
-    # Where the stream cannot be read ahead (a connection the replay does not speak), the
+    # Where the retractions cannot be foreseen (a connection the replay does not speak), the
     # counties with retractions are folded again instead, to the same read model.
-    async with ledger.pool.acquire() as conn:
-        await conn.execute("TRUNCATE ledger.event_log, ledger.county_state, ledger.milestones, ledger.checkpoint")
+    await empty_read_model(ledger)
 
-    async def cannot_read_ahead(js: object, upto: int) -> None:
+    async def cannot_foresee(js: object, upto: int) -> None:
         return None
 
-    monkeypatch.setattr(ledger_consumer, "foresee_retractions", cannot_read_ahead)
-    reread.clear()
+    monkeypatch.setattr(ledger_consumer, "foresee_retractions", cannot_foresee)
+    reads.clear()
     await ledger_consumer.rebuild(harness.js, ledger.projection, end)
     assert await ledger.snapshot() == live
-    assert reread == [{aggregate_subject(PROGRAMME.id, county) for county in ("410922", "410926")}]
+    assert reads == [{aggregate_subject(PROGRAMME.id, county) for county in ("410922", "410926")}]
 
 
 CAUGHT_UP_BY_REBUILD = "read model caught up by a rebuild"

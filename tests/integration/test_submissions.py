@@ -12,8 +12,11 @@ import structlog.testing
 
 from contracts.commands import MAX_SUBMISSION_BYTES, Role
 from contracts.errors import ErrorCode
+from contracts.events import IndexedRetraction
 from contracts.replies import Accepted, Refused
 from contracts.subjects import EVENTS_STREAM, submit_subject
+from services.common.jetstream import indexed_retractions
+from services.submissions import store as store_module
 from services.submissions.service import SubmissionsService
 from services.submissions.store import EventStore
 from tests.harness import NOW, Harness, new_id, start_service
@@ -150,6 +153,40 @@ async def test_each_operator_command_is_accepted_and_stored(harness: Harness) ->
     assert actors[approved.submission_id].role == "province"
     assert actors[passed.submission_id].user == "city-operator-zhang"
     assert len(stored) == 8
+
+
+async def index_entries(harness: Harness) -> list[IndexedRetraction]:
+    entries = await indexed_retractions(harness.js, 10**9)
+    assert entries is not None, "a new deployment's index covers the stream from its first event"
+    return entries
+
+
+async def test_a_retraction_goes_into_the_retraction_index_once_and_a_failure_there_refuses_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for submission_id in ("p1", "p2"):
+        report = {"kind": "report_progress", "milestone_id": "1.3", "percent": 30}
+        assert isinstance(await harness.send(report, submission_id=submission_id), Accepted)
+    retraction = {"kind": "retract_submission", "retracted_submission_id": "p1", "reason": "误报"}
+    first = await harness.send(retraction, role=Role.CITY, submission_id="r-p1")
+    assert isinstance(first, Accepted)
+    again = await harness.send(retraction, role=Role.CITY, submission_id="r-p1")  # a resend: stored once
+    assert isinstance(again, Accepted) and again.events == first.events
+    assert [(e.stream_sequence, e.county_code, e.retracted_submission_id) for e in await index_entries(harness)] == [
+        (first.events[0].stream_sequence, "410928", "p1")
+    ]
+
+    async def unavailable(*args: object) -> int:
+        raise TimeoutError("no answer")
+
+    monkeypatch.setattr(store_module, "index_retractions", unavailable)
+    retraction = {"kind": "retract_submission", "retracted_submission_id": "p2", "reason": "误报"}
+    with structlog.testing.capture_logs() as logs:
+        reply = await harness.send(retraction, role=Role.CITY, submission_id="r-p2")
+    assert isinstance(reply, Accepted), reply
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["retraction not indexed"]
+    assert [e.submission_id for _, e in await harness.events("410928")][-1] == "r-p2"  # stored all the same
+    assert len(await index_entries(harness)) == 1
 
 
 async def _assert_refused_and_recorded(
