@@ -9,10 +9,10 @@ at the checkpoint + 1: the checkpoint in PostgreSQL is the position.
 Rebuild: the stream read from the first event in large batches (services.common.replay). A read
 model that is empty, or has more than half of a long stream still to apply (a database restored
 from an old backup, a ledger down for long), is caught up by a rebuild before the live consumer
-starts: at a million events a rebuild applies ~48,000-86,000 events a second (as the machine
-allows), the live consumer's batches ~1,200-4,000. An empty read model cannot say which submissions each county
-retracted: the rebuild reads them from the retraction index, or, where there is none, ahead in
-the stream (:func:`foresee_retractions`).
+starts: at a million events a rebuild applies ~53,000-64,000 events a second on these machines
+at their slowest (~0.6× nats-py's raw read), the live consumer's batches ~1,200-4,000. An empty
+read model cannot say which submissions each county retracted: the rebuild reads them from the
+retraction index, or, where there is none, ahead in the stream (:func:`foresee_retractions`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
 
 import msgspec
 import structlog
@@ -101,16 +101,18 @@ async def catch_up_by_rebuild(js: JetStreamContext, projection: LedgerProjection
         log.exception("catching up by a rebuild failed; the live consumer catches up instead")
 
 
-async def rebuild(js: JetStreamContext, projection: LedgerProjection, end: int) -> RebuildResult:
+async def rebuild(js: JetStreamContext, projection: LedgerProjection, end: int, index: bool = True) -> RebuildResult:
     """Rebuild the read model from the stream's first event to ``end``; counties to fold again
-    are read again from their subjects."""
+    are read again from their subjects. ``index`` False: an empty read model's retractions are
+    read ahead in the stream even where the retraction index could say (to compare the two)."""
 
     async def reread(keys: Sequence[Key], upto: int) -> AsyncIterable[Sequence[tuple[int, bytes]]] | None:
         return await read_subjects(js, EVENTS_STREAM, EVENTS_ALL, {aggregate_subject(*key) for key in keys}, upto)
 
-    return await projection.rebuild(
-        read_stream(js), expected_last=end, reread=reread, foresee=lambda upto: foresee_retractions(js, upto)
-    )
+    async def foresee(upto: int) -> Mapping[Key, Collection[str]] | None:
+        return await (foresee_retractions(js, upto) if index else read_retractions_ahead(js, upto))
+
+    return await projection.rebuild(read_stream(js), expected_last=end, reread=reread, foresee=foresee)
 
 
 async def foresee_retractions(js: JetStreamContext, upto: int) -> dict[Key, set[str]] | None:
