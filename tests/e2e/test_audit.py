@@ -25,8 +25,9 @@ from contracts.programme import load_default_programme
 from contracts.replies import Accepted, decode_reply
 from contracts.subjects import EVENTS_ALL, EVENTS_STREAM, submit_subject
 from services.audit.verify import verify_record
-from services.common.jetstream import ensure_streams, read_messages
+from services.common.jetstream import read_messages
 from services.common.signing import file_signature_from_header, trusted_keys
+from tests.harness import declare_streams
 from tests.stack import SHANGHAI, Running
 
 PROGRAMME = load_default_programme().id
@@ -162,14 +163,7 @@ async def _rewrite_stream(running: Running, alter: dict[int, bytes | None]) -> N
     js = running.nc.jetstream()
     stored = [item async for batch in read_messages(js, EVENTS_STREAM, EVENTS_ALL) for item in batch]
     await js.delete_stream(EVENTS_STREAM)
-    for attempt in range(50):  # the server removes a deleted stream's files asynchronously
-        try:
-            await ensure_streams(js)
-            break
-        except Exception:
-            if attempt == 49:
-                raise
-            await asyncio.sleep(0.1)
+    await declare_streams(js)
     for sequence, msg in stored:
         data = alter.get(sequence, msg.data)
         if data is None:

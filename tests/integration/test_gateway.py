@@ -9,7 +9,6 @@ and "nothing stored" by reading the event and refusal streams.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ from contracts.events import ProgressReported
 from contracts.replies import Accepted, Refused, decode_reply
 from services.common.clock import SimulatedClock
 from services.common.embedded import EmbeddedNats, free_port
-from services.common.jetstream import ensure_streams, stream_names
 from services.common.natsauth import ensure_generated_passwords, load_password, render_server_auth, users_for
 from services.common.runtime import Runtime
 from services.common.settings import Settings
@@ -44,6 +42,7 @@ from tests.harness import (
     Harness,
     clean_service_environment,  # noqa: F401 (autouse)
     new_id,
+    reset_streams,
     start_task,
     stop_task,
 )
@@ -134,17 +133,7 @@ async def stack(secured: Secured, gateway_rate: str, tmp_path: Path) -> AsyncIte
     secrets = secured.base / "secrets"
     ops: NatsClient = await nats.connect(url, user="ops", password=load_password("ops", secrets, environ={}))
     js = ops.jetstream()
-    for stream in stream_names():  # every test starts from empty streams
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(stream)
-    for attempt in range(50):  # the server removes a deleted stream's files asynchronously
-        try:
-            await ensure_streams(js)
-            break
-        except nats.js.errors.ServerError:
-            if attempt == 49:
-                raise
-            await asyncio.sleep(0.05)
+    await reset_streams(js)  # every test starts from empty streams
 
     forwarded: list[str] = []
     messages: list[Msg] = []

@@ -23,7 +23,6 @@ from contracts.events import (
     EVENT_TYPES,
     UPCASTERS,
     Actor,
-    EventEnvelope,
     EventPayload,
     decode_event,
     encode_event,
@@ -35,6 +34,7 @@ from contracts.payloads import (
     ReviewOutcome,
 )
 from contracts.replies import Accepted, FindingNotice, StoredEvent, decode_reply, refused
+from tests.harness import sample_envelope
 
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
 
@@ -306,31 +306,13 @@ ONE_OF_EACH: list[EventPayload] = [
 ]
 
 
-def envelope(payload: EventPayload, *, version: int | None = None) -> EventEnvelope:
-    tag = ev.event_type_of(payload)
-    return EventEnvelope(
-        event_id="qf-9/0",
-        schema_version=version if version is not None else EVENT_SCHEMA_VERSIONS[tag],
-        programme_id="puyang-2017-13",
-        county_code="410922",
-        occurred_at=dt.datetime(2017, 6, 10, 9, 30, tzinfo=SHANGHAI),
-        recorded_at=dt.datetime(2017, 6, 10, 1, 31, tzinfo=dt.UTC),
-        actor=Actor(role="county", county_code="410922", user="qf-system"),
-        submission_id="qf-9",
-        submission_digest="0" * 64,
-        causation_id="qf-9",
-        correlation_id="corr-1",
-        payload=payload,
-    )
-
-
 def test_one_of_each_covers_every_event_type() -> None:
     assert sorted(ev.event_type_of(p) for p in ONE_OF_EACH) == sorted(EVENT_TYPES)
 
 
 @pytest.mark.parametrize("payload", ONE_OF_EACH, ids=lambda p: ev.event_type_of(p))
 def test_event_envelope_round_trips(payload: EventPayload) -> None:
-    original = envelope(payload)
+    original = sample_envelope(payload)
     data = encode_event(original)
     decoded = decode_event(data)
     assert decoded == original
@@ -340,14 +322,14 @@ def test_event_envelope_round_trips(payload: EventPayload) -> None:
 
 
 def test_unknown_event_type_is_refused() -> None:
-    raw = json.loads(encode_event(envelope(ONE_OF_EACH[0])))
+    raw = json.loads(encode_event(sample_envelope(ONE_OF_EACH[0])))
     raw["payload"]["type"] = "county_deleted"
     with pytest.raises(msgspec.ValidationError, match="unknown event type"):
         decode_event(json.dumps(raw).encode())
 
 
 def test_event_from_a_newer_version_is_refused() -> None:
-    data = encode_event(envelope(ONE_OF_EACH[0], version=2))
+    data = encode_event(sample_envelope(ONE_OF_EACH[0], version=2))
     with pytest.raises(msgspec.ValidationError, match="v2; this code knows v1"):
         decode_event(data)
 
@@ -360,7 +342,7 @@ def _rename_pct(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _old_progress_event() -> bytes:
-    raw = json.loads(encode_event(envelope(ONE_OF_EACH[0], version=1)))
+    raw = json.loads(encode_event(sample_envelope(ONE_OF_EACH[0], version=1)))
     raw["payload"]["pct"] = raw["payload"].pop("percent")  # the v1 shape
     return json.dumps(raw, ensure_ascii=False).encode()
 
@@ -387,7 +369,7 @@ def test_old_event_that_still_decodes_is_upcast_too(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setitem(EVENT_SCHEMA_VERSIONS, "progress_reported", 2)
     monkeypatch.setitem(UPCASTERS, ("progress_reported", 1), lift)
-    decoded = decode_event(encode_event(envelope(ONE_OF_EACH[0], version=1)))
+    decoded = decode_event(encode_event(sample_envelope(ONE_OF_EACH[0], version=1)))
     assert len(calls) == 1
     assert decoded.schema_version == 2
     assert isinstance(decoded.payload, ev.ProgressReported) and decoded.payload.note == "招标中（v2）"
@@ -407,7 +389,7 @@ def test_current_events_skip_the_upcasters(monkeypatch: pytest.MonkeyPatch) -> N
         raise AssertionError("a current event must not be upcast")
 
     monkeypatch.setitem(UPCASTERS, ("progress_reported", 1), boom)
-    original = envelope(ONE_OF_EACH[0])
+    original = sample_envelope(ONE_OF_EACH[0])
     assert decode_event(encode_event(original)) == original
 
 
@@ -419,7 +401,7 @@ def test_upcast_event_must_still_be_valid(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_naive_instants_are_refused_in_events() -> None:
-    raw = json.loads(encode_event(envelope(ONE_OF_EACH[0])))
+    raw = json.loads(encode_event(sample_envelope(ONE_OF_EACH[0])))
     raw["recorded_at"] = "2017-06-10T01:31:00"
     with pytest.raises(msgspec.ValidationError):
         decode_event(json.dumps(raw).encode())

@@ -24,7 +24,8 @@ from contracts.events import EventEnvelope, decode_event, decode_stored_event, e
 from contracts.facts import apply, new_facts
 from contracts.programme import default_programme_path, load_programme
 from services.ledger.projection import _copy_line
-from tests.unit.test_contracts import ONE_OF_EACH, envelope
+from tests.harness import sample_envelope
+from tests.unit.test_contracts import ONE_OF_EACH
 
 HOSTILE_STRINGS = (
     "",
@@ -88,7 +89,7 @@ def replaced(document: Any, path: tuple[Any, ...], value: Any) -> Any:
 
 @pytest.mark.parametrize("payload", ONE_OF_EACH, ids=lambda p: ev.event_type_of(p))
 def test_a_valid_event_decodes_to_the_same_values(payload: ev.EventPayload) -> None:
-    original = envelope(payload)
+    original = sample_envelope(payload)
     data = encode_event(original)
     stored = decode_stored_event(data)
     assert encode_event(stored) == data
@@ -101,7 +102,7 @@ def test_a_valid_event_decodes_to_the_same_values(payload: ev.EventPayload) -> N
 
 @pytest.mark.parametrize("payload", ONE_OF_EACH, ids=lambda p: ev.event_type_of(p))
 def test_every_string_of_every_event_type_gets_decode_events_answer(payload: ev.EventPayload) -> None:
-    document = json.loads(encode_event(envelope(payload)))
+    document = json.loads(encode_event(sample_envelope(payload)))
     paths = [p for p in string_paths(document) if p != ("payload", "type")]
     assert paths
     for path in paths:
@@ -111,7 +112,7 @@ def test_every_string_of_every_event_type_gets_decode_events_answer(payload: ev.
 
 
 def test_nul_is_refused_in_free_text_with_decode_events_words() -> None:
-    document = json.loads(encode_event(envelope(ONE_OF_EACH[0])))
+    document = json.loads(encode_event(sample_envelope(ONE_OF_EACH[0])))
     data = json.dumps(replaced(document, ("payload", "note"), "a\x00")).encode()
     with pytest.raises(msgspec.ValidationError, match=r"payload\.note") as refused:
         decode_stored_event(data)
@@ -121,7 +122,7 @@ def test_nul_is_refused_in_free_text_with_decode_events_words() -> None:
 
 
 def test_values_remembered_as_valid_do_not_let_an_invalid_one_through() -> None:
-    data = encode_event(envelope(ONE_OF_EACH[0]))
+    data = encode_event(sample_envelope(ONE_OF_EACH[0]))
     for _ in range(3):
         decode_stored_event(data)  # "410922" and "1.3" are now remembered
     document = json.loads(data)
@@ -140,14 +141,14 @@ def test_values_remembered_as_valid_do_not_let_an_invalid_one_through() -> None:
 def test_bytes_that_are_not_an_event_fail_as_decode_event_fails() -> None:
     for data in (b"\xff not an event", b"", b"[1]", b'"x"', b"1", b'{"payload": {"type": []}}', b"[" * 50_000):
         assert_same(data)
-    raw = encode_event(envelope(ONE_OF_EACH[0]))
+    raw = encode_event(sample_envelope(ONE_OF_EACH[0]))
     assert_same(raw.replace(b'"note":"', b'"note":"\x00'))  # a raw NUL byte: malformed JSON
     assert_same(raw.replace(b'"note":"', b'"note":"\\u0000'))  # the escape: a NUL in the text
     assert_same(raw[:-1] + b',"extra":1}')
 
 
 def test_memoryview_is_decoded_too() -> None:
-    data = encode_event(envelope(ONE_OF_EACH[0]))
+    data = encode_event(sample_envelope(ONE_OF_EACH[0]))
     assert encode_event(decode_stored_event(memoryview(data))) == data
 
 
@@ -160,7 +161,7 @@ def test_an_older_version_goes_through_the_upcasters(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setitem(ev.EVENT_SCHEMA_VERSIONS, "progress_reported", 2)
     monkeypatch.setitem(ev.UPCASTERS, ("progress_reported", 1), lift)
-    decoded = decode_stored_event(encode_event(envelope(ONE_OF_EACH[0], version=1)))
+    decoded = decode_stored_event(encode_event(sample_envelope(ONE_OF_EACH[0], version=1)))
     assert calls and decoded.schema_version == 2
     assert isinstance(decoded.payload, ev.ProgressReported) and decoded.payload.note == "招标中（v2）"
 
@@ -184,7 +185,7 @@ def test_stored_types_keep_the_event_types_configuration() -> None:
     drop=st.integers(0, 3),
 )
 def test_mutated_bytes_get_decode_events_answer(payload: ev.EventPayload, cut: int, insert: bytes, drop: int) -> None:
-    data = encode_event(envelope(payload))
+    data = encode_event(sample_envelope(payload))
     at = cut % (len(data) + 1)
     assert_same(data[:at] + insert + data[at + drop :])
 
@@ -194,7 +195,7 @@ def test_a_progress_report_at_datetimes_limit_still_fails_to_fold_as_before() ->
     raised (and the event was parked), and still does."""
     programme = load_programme(default_programme_path())
     payload = ev.ProgressReported(milestone_id=programme.milestones[0].id, percent=10)
-    late = envelope(payload)
+    late = sample_envelope(payload)
     tz = dt.timezone(dt.timedelta(hours=-5))
     late = msgspec.structs.replace(late, occurred_at=dt.datetime(9999, 12, 31, 23, 0, tzinfo=tz))
     ledger = new_facts(programme, "410922")
@@ -217,7 +218,7 @@ def test_a_progress_report_at_datetimes_limit_still_fails_to_fold_as_before() ->
 )
 def test_a_log_row_writes_the_instants_as_isoformat_would(instant: dt.datetime) -> None:
     """msgspec's RFC 3339 text is isoformat()'s but for "Z" (UTC), which PostgreSQL reads as +00:00."""
-    event = msgspec.structs.replace(envelope(ONE_OF_EACH[0]), occurred_at=instant, recorded_at=instant)
+    event = msgspec.structs.replace(sample_envelope(ONE_OF_EACH[0]), occurred_at=instant, recorded_at=instant)
     line = _copy_line(7, event, encode_event(event)).decode()
     fields = line.rstrip("\n").split("\t")
     assert fields[:6] == ["7", "puyang-2017-13", "410922", "qf-9/0", "progress_reported", "qf-9"]
