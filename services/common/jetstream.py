@@ -29,7 +29,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from contracts.events import EventEnvelope, IndexedRetraction, indexed_retraction
+from contracts.events import EventEnvelope, IndexedRetraction, SubmissionRetracted, decode_event, indexed_retraction
 from contracts.subjects import (
     AUDIT_ALL,
     AUDIT_STREAM,
@@ -162,17 +162,64 @@ async def indexed_retractions(js: JetStreamContext, upto: int) -> list[IndexedRe
         return None
     if (info.config.metadata or {}).get(RETRACTIONS_COVER_FROM) != "1":
         return None
+    return [entry for entry in await _index_entries(js) if entry.stream_sequence <= upto]
+
+
+async def _index_entries(js: JetStreamContext) -> list[IndexedRetraction]:
     entries: list[IndexedRetraction] = []
     async for batch in read_all(js, RETRACTIONS_STREAM, RETRACTIONS_ALL):
         for _, data in batch:
             try:
-                entry = _index_decoder.decode(data)
+                entries.append(_index_decoder.decode(data))
             except (msgspec.DecodeError, msgspec.ValidationError):
                 log.warning("retraction index entry left out: it does not decode", data=data[:200])
-                continue
-            if entry.stream_sequence <= upto:
-                entries.append(entry)
     return entries
+
+
+async def complete_retraction_index(js: JetStreamContext) -> int | None:
+    """Index the retractions stored before the retraction index was created (a deployment that
+    had events before it had the index), then mark the index as covering the event stream from
+    its first event, so that rebuilds take it. Returns how many entries it added; None where the
+    index already covers the stream, or the event stream cannot be read this way (nothing
+    changes: rebuilds read the retractions ahead, as before). Run again after a stop part way,
+    it adds only what is missing."""
+    info = await js.stream_info(RETRACTIONS_STREAM)
+    metadata = info.config.metadata or {}
+    covers_from = int(metadata.get(RETRACTIONS_COVER_FROM, "1"))
+    if covers_from <= 1:
+        return None
+    upto = min(covers_from - 1, (await js.stream_info(EVENTS_STREAM)).state.last_seq)
+    found = await stored_retractions(js, upto) if upto else []
+    if found is None:
+        return None
+    known = {entry.event_id for entry in await _index_entries(js)}
+    added = await index_retractions(js, ((e, seq) for e, seq in found if e.event_id not in known))
+    # The server's own metadata (_nats.*) is its to set.
+    ours = {key: value for key, value in metadata.items() if not key.startswith("_nats.")}
+    await js.update_stream(dataclasses.replace(info.config, metadata={**ours, RETRACTIONS_COVER_FROM: "1"}))
+    log.info("retraction index completed", added=added, read_upto=upto, covered_from_before=covers_from)
+    return added
+
+
+RETRACTION_TYPE = str(SubmissionRetracted.__struct_config__.tag).encode()
+
+
+async def stored_retractions(js: JetStreamContext, upto: int) -> list[tuple[EventEnvelope, int]] | None:
+    """The retractions in the event stream up to ``upto``, as (envelope, stream sequence), from
+    one quick pass over the stream's bytes (1.8-3 s at a million events): only the messages that
+    name the retraction's type are decoded. None where the replay cannot read the stream."""
+    # Those that name the type are handed out: its type, or a text that mentions it (decoding tells).
+    events = await read_subjects(js, EVENTS_STREAM, EVENTS_ALL, None, upto, select=RETRACTION_TYPE)
+    if events is None:
+        return None
+    found: list[tuple[EventEnvelope, int]] = []
+    async for batch in events:
+        for sequence, data in batch:
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                envelope = decode_event(data)
+                if isinstance(envelope.payload, SubmissionRetracted):
+                    found.append((envelope, sequence))
+    return found
 
 
 async def connect(

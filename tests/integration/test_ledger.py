@@ -37,12 +37,22 @@ from contracts.ledger import (
 )
 from contracts.replies import Accepted
 from contracts.subjects import RETRACTIONS_COVER_FROM, RETRACTIONS_STREAM, aggregate_subject, retractions_subject
+from services.common import jetstream
 from services.common.embedded import EmbeddedPostgres
-from services.common.jetstream import ensure_streams, indexed_retractions
+from services.common.jetstream import complete_retraction_index, ensure_streams, indexed_retractions
+from services.common.runtime import Runtime
+from services.common.settings import Settings
 from services.ledger import consumer as ledger_consumer
 from services.ledger.consumer import read_stream
 from services.ledger.projection import GapError, RebuildResult, Reread, StoredMessage
-from tests.harness import PROGRAMME, Harness
+from services.submissions import main as submissions_main
+from tests.harness import (
+    PROGRAMME,
+    Harness,
+    clean_service_environment,  # noqa: F401 (autouse: the service reads passwords from the environment)
+    start_task,
+    stop_task,
+)
 from tests.ledger_harness import Ledger, start_ledger, stop_ledger
 
 pytestmark = pytest.mark.integration
@@ -425,13 +435,14 @@ def recording_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """The subjects kept by each read of the event stream through ``read_subjects`` (None: all,
     the read-ahead; a set: counties read again), recorded as the reads begin."""
     reads: list[object] = []
-    real_read_subjects = ledger_consumer.read_subjects
+    real_read_subjects = jetstream.read_subjects
 
     async def read_subjects(*args: object, **kw: object) -> object:
         reads.append(args[3])
         return await real_read_subjects(*args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ledger_consumer, "read_subjects", read_subjects)
+    monkeypatch.setattr(ledger_consumer, "read_subjects", read_subjects)  # counties read again
+    monkeypatch.setattr(jetstream, "read_subjects", read_subjects)  # the read-ahead
     return reads
 
 
@@ -531,6 +542,44 @@ async def test_without_an_index_from_the_first_event_an_empty_read_model_reads_t
     await ledger_consumer.rebuild(harness.js, ledger.projection, end)
     assert await ledger.snapshot() == live
     assert reads == [{aggregate_subject(PROGRAMME.id, county) for county in ("410922", "410926")}]
+
+
+async def test_a_submissions_service_starting_completes_an_index_created_after_events_were_stored(
+    harness: Harness, ledger: Ledger, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A deployment that had events before it had the index: its index covers only the events
+    # after its creation, and rebuilds read the retractions ahead. A submissions service starting
+    # indexes the earlier ones and marks the index as covering the stream from its first event.
+    live, end = await two_counties_retracting(harness, ledger)
+    as_stored = await indexed_retractions(harness.js, end)
+    assert as_stored is not None and [e.retracted_submission_id for e in as_stored] == ["r1", "r2"]
+    await harness.js.delete_stream(RETRACTIONS_STREAM)
+    await ensure_streams(harness.js)
+    assert await indexed_retractions(harness.js, end) is None
+    # A completion that stopped part way left the first entry (and the server has forgotten its id).
+    await harness.js.publish(retractions_subject(PROGRAMME.id, "410926"), msgspec.json.encode(as_stored[0]))
+    runtime = Runtime(Settings(state_dir=tmp_path), {PROGRAMME.id: PROGRAMME}, nats_url, None)
+    with structlog.testing.capture_logs() as logs:
+        task, stop = await start_task(
+            "submissions", lambda stop, ready: submissions_main.run(runtime, harness.clock, stop, ready)
+        )
+        try:
+            for _ in range(200):
+                if (covered := await indexed_retractions(harness.js, end)) is not None:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await stop_task(task, stop)
+    assert covered == as_stored, "each retraction once, with its stream sequence"
+    assert [e["added"] for e in logs if e["event"] == "retraction index completed"] == [1]
+    assert await complete_retraction_index(harness.js) is None, "once per deployment"
+    await ensure_streams(harness.js)  # declared again, as every service does when it starts
+    assert (await indexed_retractions(harness.js, end)) == as_stored
+    reads = recording_reads(monkeypatch)
+    await empty_read_model(ledger)
+    await ledger_consumer.rebuild(harness.js, ledger.projection, end)
+    assert await ledger.snapshot() == live
+    assert reads == [], "the rebuild took the index: nothing read ahead, no county read again"
 
 
 CAUGHT_UP_BY_REBUILD = "read model caught up by a rebuild"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import pytest
 import pytest_asyncio
@@ -23,10 +24,17 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
+from contracts.events import SubmissionRetracted
 from contracts.programme import load_default_programme
-from contracts.subjects import SUBMIT_ALL, submit_subject
+from contracts.subjects import RETRACTIONS_STREAM, SUBMIT_ALL, aggregate_subject, submit_subject
 from services.common.embedded import EmbeddedNats, find_nats_server
-from services.common.jetstream import read_all
+from services.common.jetstream import (
+    complete_retraction_index,
+    ensure_streams,
+    indexed_retractions,
+    read_all,
+    stream_names,
+)
 from services.common.natsauth import (
     NatsUser,
     ensure_generated_passwords,
@@ -36,6 +44,7 @@ from services.common.natsauth import (
     write_deploy_files,
 )
 from services.common.replay import Endpoint, ReplayError, lean_endpoint, replay
+from tests.harness import declare_streams, sample_envelope
 
 pytestmark = pytest.mark.integration
 
@@ -348,6 +357,33 @@ async def test_services_replay_streams_on_their_own_connection(connect: Callable
         async for _ in replay(ljs, ledger.nc, wrong, "PERM_REPLAY", "duban.events.replay.>", 2000, 500, WAIT):
             pass
     assert svc.errors == [] and ledger.errors == []
+
+
+async def test_submissions_completes_the_retraction_index_with_its_own_permissions(
+    connect: Callable[..., Awaitable[Client]],
+) -> None:
+    # An index created after events were stored covers only the later ones; svc-submissions
+    # reads the earlier retractions through the replay, adds them and updates the index's
+    # configuration, all within its permissions.
+    svc = await connect("svc-submissions")
+    js = svc.nc.jetstream(timeout=WAIT)
+    for name in await js.streams_info():  # the other tests' streams overlap duban's subjects
+        await js.delete_stream(name.config.name or "")
+    await ensure_streams(js)
+    await js.delete_stream(RETRACTIONS_STREAM)
+    envelope = sample_envelope(SubmissionRetracted(retracted_submission_id="qf-3", reason="误报"))
+    stored = await js.publish(
+        aggregate_subject(envelope.programme_id, envelope.county_code), msgspec.json.encode(envelope)
+    )
+    await declare_streams(js)
+    assert await indexed_retractions(js, stored.seq) is None
+    assert await complete_retraction_index(js) == 1
+    entries = await indexed_retractions(js, stored.seq)
+    assert entries is not None
+    assert [(e.stream_sequence, e.retracted_submission_id) for e in entries] == [(stored.seq, "qf-3")]
+    assert svc.errors == []
+    for name in stream_names():  # they would overlap the other tests' streams
+        await js.delete_stream(name)
 
 
 async def test_ops_has_full_access(connect: Callable[..., Awaitable[Client]]) -> None:
