@@ -19,7 +19,10 @@ a few procedure findings and retractions), appends them, and measures:
    ledger's own ``read_stream`` iterated with no database;
 3. the ledger's rebuild (``services.ledger.consumer.rebuild``) after ``migrate()``: events/s, ratio to the raw
    rate, peak RSS during it (and the delta over the RSS before it), CPU seconds of this process,
-   PostgreSQL and nats-server, and the table sizes after;
+   PostgreSQL and nats-server, and the table sizes after; then again replacing the read model,
+   into an empty one with the retractions read ahead instead of from the retraction index, and
+   the completion of a retraction index created after the events were stored (as the
+   submissions service does when it starts on such a stream);
 4. catch-up as the ledger starts: read model truncated, ``supervise_live`` from sequence 1 until
    the checkpoint reaches the end. An empty read model is filled by a rebuild
    (``services.ledger.consumer.rebuild_to_catch_up``), then the live consumer follows;
@@ -70,6 +73,7 @@ from contracts.events import (  # noqa: E402
     EventPayload,
     ExtensionDecided,
     ExtensionRequested,
+    IndexedRetraction,
     MilestoneCompleted,
     ProcedureFindingRecorded,
     ProgressReported,
@@ -85,8 +89,19 @@ from contracts.events import (  # noqa: E402
 )
 from contracts.payloads import Document, ExtensionOutcome, ProgressTableLine, ReviewOutcome  # noqa: E402
 from contracts.programme import Decider, Programme  # noqa: E402
-from contracts.subjects import EVENT_TYPE_HEADER, EVENTS_ALL, EVENTS_STREAM, aggregate_subject  # noqa: E402
-from services.common.jetstream import ensure_streams, index_retractions  # noqa: E402
+from contracts.subjects import (  # noqa: E402
+    EVENT_TYPE_HEADER,
+    EVENTS_ALL,
+    EVENTS_STREAM,
+    RETRACTIONS_STREAM,
+    aggregate_subject,
+)
+from services.common.jetstream import (  # noqa: E402
+    complete_retraction_index,
+    ensure_streams,
+    index_retractions,
+    indexed_retractions,
+)
 from services.common.postgres import create_pool  # noqa: E402
 from services.ledger.consumer import read_stream, supervise_live  # noqa: E402
 from services.ledger.consumer import rebuild as rebuild_from_stream  # noqa: E402
@@ -99,6 +114,7 @@ from tests.bench.synthetic import (  # noqa: E402
     synthetic_programme,
     tear_down,
 )
+from tests.harness import declare_streams  # noqa: E402
 
 CST = dt.timezone(dt.timedelta(hours=8))
 PROGRAMME_START = dt.datetime(2017, 3, 1, 9, 0, tzinfo=CST)
@@ -1079,6 +1095,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             f" same read model={ahead['same_read_model_as_first']}"
         )
 
+        # 3d. completing an index created after the events were stored, as the submissions
+        # service does when it starts on such a deployment
+        log("completing a retraction index created after the events were stored …")
+        results["index_completed"] = await complete_index_from_scratch(js, last_seq)
+        log(f"  {results['index_completed']}")
+
         if args.profile:
             log(f"profiled rebuild (pyinstrument) → {args.profile} …")
             try:
@@ -1139,6 +1161,28 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 await nc.close()
         await tear_down(tmp, args.keep, nats_server, pg)
+
+
+async def complete_index_from_scratch(js: JetStreamContext, last_seq: int) -> dict[str, Any]:
+    """Drop the retraction index, declare it again (it then covers only later events) and time
+    its completion; the completed index must hold what the bulk append indexed."""
+    before = await indexed_retractions(js, last_seq)
+    await js.delete_stream(RETRACTIONS_STREAM)
+    await declare_streams(js)  # the index now covers only events after the last
+    started = time.perf_counter()
+    added = await complete_retraction_index(js)
+    seconds = time.perf_counter() - started
+    after = await indexed_retractions(js, last_seq)
+
+    def entries(index: list[IndexedRetraction] | None) -> set[tuple[int, str]] | None:
+        return None if index is None else {(e.stream_sequence, e.event_id) for e in index}
+
+    return {
+        "seconds": round(seconds, 2),
+        "added": added,
+        "indexed_as_appended": len(before or []),
+        "same_entries": entries(after) == entries(before),
+    }
 
 
 def rebuild_figures(
@@ -1237,6 +1281,15 @@ def render_table(r: dict[str, Any]) -> str:
                 "REBUILD into an empty read model, no index",
                 f"{ra['events_per_s']:,} ev/s",
                 f"{ra['ratio_to_raw']:.2f}× raw, same={ra['same_read_model_as_first']}",
+            )
+        )
+    if "index_completed" in r:
+        ic = r["index_completed"]
+        rows.append(
+            (
+                "COMPLETE a retraction index from before",
+                f"{ic['seconds']} s",
+                f"{ic['added']} of {ic['indexed_as_appended']} entries, same={ic['same_entries']}",
             )
         )
     if "rebuild_replacing" in r:
