@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from contracts.commands import Role
-from contracts.events import EVENT_SCHEMA_VERSIONS, Actor, EventEnvelope, EventPayload, decode_event, event_type_of
+from contracts.events import EventEnvelope, decode_event
 from contracts.programme import Programme, load_default_programme
 from contracts.replies import Accepted, RefusalRecord, Refused, decode_reply
 from contracts.subjects import EVENTS_STREAM, REFUSALS_STREAM, submit_subject
@@ -131,25 +131,6 @@ async def declare_streams(js: JetStreamContext) -> None:
             if attempt == 49:
                 raise
             await asyncio.sleep(0.05)
-
-
-def sample_envelope(payload: EventPayload, *, version: int | None = None) -> EventEnvelope:
-    """One event of 清丰县 (410922), as stored: its payload at its current version, or ``version``."""
-    tag = event_type_of(payload)
-    return EventEnvelope(
-        event_id="qf-9/0",
-        schema_version=version if version is not None else EVENT_SCHEMA_VERSIONS[tag],
-        programme_id="puyang-2017-13",
-        county_code="410922",
-        occurred_at=dt.datetime(2017, 6, 10, 9, 30, tzinfo=dt.timezone(dt.timedelta(hours=8))),
-        recorded_at=dt.datetime(2017, 6, 10, 1, 31, tzinfo=dt.UTC),
-        actor=Actor(role="county", county_code="410922", user="qf-system"),
-        submission_id="qf-9",
-        submission_digest="0" * 64,
-        causation_id="qf-9",
-        correlation_id="corr-1",
-        payload=payload,
-    )
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -64,7 +64,6 @@ import msgspec  # noqa: E402
 
 from contracts.commands import Role  # noqa: E402
 from contracts.events import (  # noqa: E402
-    EVENT_SCHEMA_VERSIONS,
     ActionConfirmed,
     Actor,
     EventEnvelope,
@@ -91,6 +90,7 @@ from tests.bench.synthetic import (  # noqa: E402
     log,
     synthetic_programme,
 )
+from tests.samples import stored_envelope  # noqa: E402
 from tests.story import Story  # noqa: E402
 
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -455,19 +455,8 @@ def bulk_events(
 def _envelope(
     programme: Programme, code: str, sid: str, when: dt.datetime, actor: Actor, payload: Any
 ) -> EventEnvelope:
-    return EventEnvelope(
-        event_id=f"{sid}/0",
-        schema_version=EVENT_SCHEMA_VERSIONS[event_type_of(payload)],
-        programme_id=programme.id,
-        county_code=code,
-        occurred_at=when,
-        recorded_at=when,
-        actor=actor,
-        submission_id=sid,
-        submission_digest="0" * 64,
-        causation_id=sid,
-        correlation_id=sid,
-        payload=payload,
+    return stored_envelope(
+        payload, programme_id=programme.id, county_code=code, submission_id=sid, at=when, actor=actor
     )
 
 

@@ -16,20 +16,18 @@ import pytest_asyncio
 
 import services.ledger.projection as projection_module
 from contracts.events import (
-    EVENT_SCHEMA_VERSIONS,
     Actor,
-    EventEnvelope,
     EventPayload,
     ProgressReported,
     SubmissionRetracted,
     decode_event,
     encode_event,
-    event_type_of,
 )
 from contracts.facts import CountyFacts, fold
 from contracts.programme import load_default_programme
 from services.ledger.audit import _Audit
 from services.ledger.projection import CachedState, LedgerProjection, StoredMessage, migrate
+from tests.samples import stored_envelope
 
 pytestmark = pytest.mark.integration
 PROGRAMME = load_default_programme()
@@ -40,20 +38,14 @@ START = dt.datetime(2017, 3, 1, 9, tzinfo=dt.timezone(dt.timedelta(hours=8)))
 
 def event(sequence: int, county: str, payload: EventPayload, submission: str | None = None) -> StoredMessage:
     submission_id = submission or f"s{sequence}"
-    when = START + dt.timedelta(hours=sequence)
-    envelope = EventEnvelope(
-        event_id=f"{submission_id}/0",
-        schema_version=EVENT_SCHEMA_VERSIONS[event_type_of(payload)],
+    envelope = stored_envelope(
+        payload,
         programme_id=PROGRAMME.id,
         county_code=county,
-        occurred_at=when,
-        recorded_at=when,
-        actor=Actor(role="county"),
         submission_id=submission_id,
-        submission_digest=hashlib.sha256(submission_id.encode()).hexdigest(),
-        causation_id=submission_id,
-        correlation_id=submission_id,
-        payload=payload,
+        at=START + dt.timedelta(hours=sequence),
+        actor=Actor(role="county"),
+        digest=hashlib.sha256(submission_id.encode()).hexdigest(),
     )
     return StoredMessage(sequence, encode_event(envelope))
 

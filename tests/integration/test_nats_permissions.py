@@ -44,7 +44,8 @@ from services.common.natsauth import (
     write_deploy_files,
 )
 from services.common.replay import Endpoint, ReplayError, lean_endpoint, replay
-from tests.harness import declare_streams, sample_envelope
+from tests.harness import declare_streams
+from tests.samples import sample_envelope
 
 pytestmark = pytest.mark.integration
 

@@ -34,7 +34,7 @@ from contracts.payloads import (
     ReviewOutcome,
 )
 from contracts.replies import Accepted, FindingNotice, StoredEvent, decode_reply, refused
-from tests.harness import sample_envelope
+from tests.samples import sample_envelope
 
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
 

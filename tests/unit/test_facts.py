@@ -5,17 +5,15 @@ from __future__ import annotations
 import datetime as dt
 
 from contracts.events import (
-    EVENT_SCHEMA_VERSIONS,
-    Actor,
     EventEnvelope,
     EventPayload,
     ProgressReported,
     ReviewRequested,
     SubmissionRetracted,
-    event_type_of,
 )
 from contracts.facts import apply, fold, folding
 from contracts.programme import load_default_programme
+from tests.samples import stored_envelope
 
 PROGRAMME = load_default_programme()
 COUNTY = PROGRAMME.counties[0].code
@@ -26,21 +24,12 @@ START = dt.datetime(2018, 3, 1, 2, 0, tzinfo=dt.UTC)
 def event(
     n: int, payload: EventPayload, submission_id: str | None = None, at: dt.datetime | None = None
 ) -> EventEnvelope:
-    submission = submission_id or f"{COUNTY}-{n:05d}"
-    occurred = at or START + dt.timedelta(hours=n)
-    return EventEnvelope(
-        event_id=f"{submission}/0",
-        schema_version=EVENT_SCHEMA_VERSIONS[event_type_of(payload)],
+    return stored_envelope(
+        payload,
         programme_id=PROGRAMME.id,
         county_code=COUNTY,
-        occurred_at=occurred,
-        recorded_at=occurred,
-        actor=Actor(role="county", county_code=COUNTY, user="tester"),
-        submission_id=submission,
-        submission_digest="0" * 64,
-        causation_id=submission,
-        correlation_id=submission,
-        payload=payload,
+        submission_id=submission_id or f"{COUNTY}-{n:05d}",
+        at=at or START + dt.timedelta(hours=n),
     )
 
 

@@ -24,7 +24,7 @@ from contracts.events import EventEnvelope, decode_event, decode_stored_event, e
 from contracts.facts import apply, new_facts
 from contracts.programme import default_programme_path, load_programme
 from services.ledger.projection import _copy_line
-from tests.harness import sample_envelope
+from tests.samples import sample_envelope
 from tests.unit.test_contracts import ONE_OF_EACH
 
 HOSTILE_STRINGS = (
