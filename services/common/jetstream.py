@@ -132,13 +132,17 @@ async def _with_coverage(js: JetStreamContext, config: StreamConfig) -> StreamCo
 
 async def index_retractions(js: JetStreamContext, stored: Iterable[tuple[EventEnvelope, int]]) -> int:
     """Add the retractions among these stored events (envelope, stream sequence) to the
-    retraction index; returns how many. Once each: the entry's Nats-Msg-Id is its event's id.
-    Raises what publishing raises; the index is a hint, so the caller logs and carries on."""
+    retraction index; returns how many. Raises what publishing raises; the index is a hint, so
+    the caller logs and carries on."""
+    return await _add_to_index(
+        js, (entry for envelope, sequence in stored if (entry := indexed_retraction(envelope, sequence)) is not None)
+    )
+
+
+async def _add_to_index(js: JetStreamContext, entries: Iterable[IndexedRetraction]) -> int:
+    # Once each: the entry's Nats-Msg-Id is its event's id.
     count = 0
-    for envelope, sequence in stored:
-        entry = indexed_retraction(envelope, sequence)
-        if entry is None:
-            continue
+    for entry in entries:
         await js.publish(
             retractions_subject(entry.programme_id, entry.county_code),
             _index_encoder.encode(entry),
@@ -193,7 +197,7 @@ async def complete_retraction_index(js: JetStreamContext) -> int | None:
     if found is None:
         return None
     known = {entry.event_id for entry in await _index_entries(js)}
-    added = await index_retractions(js, ((e, seq) for e, seq in found if e.event_id not in known))
+    added = await _add_to_index(js, (entry for entry in found if entry.event_id not in known))
     # The server's own metadata (_nats.*) is its to set.
     ours = {key: value for key, value in metadata.items() if not key.startswith("_nats.")}
     await js.update_stream(dataclasses.replace(info.config, metadata={**ours, RETRACTIONS_COVER_FROM: "1"}))
@@ -204,21 +208,21 @@ async def complete_retraction_index(js: JetStreamContext) -> int | None:
 RETRACTION_TYPE = str(SubmissionRetracted.__struct_config__.tag).encode()
 
 
-async def stored_retractions(js: JetStreamContext, upto: int) -> list[tuple[EventEnvelope, int]] | None:
-    """The retractions in the event stream up to ``upto``, as (envelope, stream sequence), from
-    one quick pass over the stream's bytes (1.8-3 s at a million events): only the messages that
-    name the retraction's type are decoded. None where the replay cannot read the stream."""
+async def stored_retractions(js: JetStreamContext, upto: int) -> list[IndexedRetraction] | None:
+    """The retractions in the event stream up to ``upto``, as the index's entries would say
+    them, from one quick pass over the stream's bytes (1.8-3 s at a million events): only the
+    messages that name the retraction's type are decoded. None where the replay cannot read the
+    stream."""
     # Those that name the type are handed out: its type, or a text that mentions it (decoding tells).
     events = await read_subjects(js, EVENTS_STREAM, EVENTS_ALL, None, upto, select=RETRACTION_TYPE)
     if events is None:
         return None
-    found: list[tuple[EventEnvelope, int]] = []
+    found: list[IndexedRetraction] = []
     async for batch in events:
         for sequence, data in batch:
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                envelope = decode_event(data)
-                if isinstance(envelope.payload, SubmissionRetracted):
-                    found.append((envelope, sequence))
+                if (entry := indexed_retraction(decode_event(data), sequence)) is not None:
+                    found.append(entry)
     return found
 
 

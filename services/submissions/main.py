@@ -44,7 +44,7 @@ async def run(runtime: Runtime, clock: Clock, stop: asyncio.Event, ready: asynci
 
 async def complete_index(js: JetStreamContext) -> None:
     """Index the retractions stored before the retraction index existed (once per deployment,
-    while serving: 1.8-3 s of reading at a million events). A failure only leaves rebuilds
+    while serving: 3.5 s at a million events). A failure only leaves rebuilds
     reading the retractions ahead; the next start tries again."""
     try:
         await complete_retraction_index(js)
