@@ -233,8 +233,15 @@ async def test_password_in_the_passwords_file_rotates_on_reload(cluster: Cluster
     passwords = cluster.conf_dir / PASSWORDS_FILE
     var = password_env_var(ROTATED_USER)
     old = passwords.read_text(encoding="utf-8").split('"')[1]
-    county = await _eventually(lambda: cluster.connect(ROTATED_USER, old), "connection as the county", cluster)
-    await county.close()
+    # Every node serving before the signal: a node still starting has no handler for it yet,
+    # and SIGHUP's default action ends it.
+    for node in cluster.layout.nodes:
+        county = await _eventually(
+            lambda node=node: cluster.connect(ROTATED_USER, old, node),
+            f"connection as the county to {node.name}",
+            cluster,
+        )
+        await county.close()
 
     new = new_password()
     passwords.write_text(f'{var}: "{new}"\n', encoding="utf-8")
